@@ -1,0 +1,24 @@
+"""jsparse: sparse LLM pre-training for JAX/Flax on NVIDIA Hopper GPUs.
+
+The public surface is re-exported here explicitly; everything else is private.
+"""
+
+from jsparse.formats import Sparse24 as Sparse24
+from jsparse.formats import VNMPacked as VNMPacked
+from jsparse.formats import pack_24 as pack_24
+from jsparse.formats import pack_vnm as pack_vnm
+from jsparse.formats import unpack_24 as unpack_24
+from jsparse.formats import unpack_vnm as unpack_vnm
+from jsparse.kernels._common import pallas_interpret as pallas_interpret
+from jsparse.kernels.activation.api import squared_relu_nm as squared_relu_nm
+from jsparse.kernels.nm.api import nm_mask as nm_mask
+from jsparse.kernels.nm.api import nm_prune as nm_prune
+from jsparse.kernels.nm.api import nm_prune_like as nm_prune_like
+from jsparse.kernels.nm.api import soft_threshold_24 as soft_threshold_24
+from jsparse.kernels.nm.api import sste_scale as sste_scale
+from jsparse.kernels.nm.api import transposable_24_mask as transposable_24_mask
+from jsparse.kernels.nm.api import transposable_24_prune as transposable_24_prune
+from jsparse.kernels.vnm.api import vnm_mask as vnm_mask
+from jsparse.kernels.vnm.api import vnm_prune as vnm_prune
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Fused squared-ReLU + N:M selection for the FFN activation path."""
