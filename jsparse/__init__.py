@@ -10,6 +10,9 @@ from jsparse.formats import pack_vnm as pack_vnm
 from jsparse.formats import unpack_24 as unpack_24
 from jsparse.formats import unpack_vnm as unpack_vnm
 from jsparse.kernels._common import pallas_interpret as pallas_interpret
+from jsparse.kernels.compress.api import BitmaskPacked as BitmaskPacked
+from jsparse.kernels.compress.api import pack_bitmask as pack_bitmask
+from jsparse.kernels.compress.api import unpack_bitmask as unpack_bitmask
 from jsparse.kernels.activation.api import squared_relu_nm as squared_relu_nm
 from jsparse.kernels.nm.api import nm_mask as nm_mask
 from jsparse.kernels.nm.api import nm_prune as nm_prune
@@ -20,5 +23,9 @@ from jsparse.kernels.nm.api import transposable_24_mask as transposable_24_mask
 from jsparse.kernels.nm.api import transposable_24_prune as transposable_24_prune
 from jsparse.kernels.vnm.api import vnm_mask as vnm_mask
 from jsparse.kernels.vnm.api import vnm_prune as vnm_prune
+from jsparse.remat import load_activation as load_activation
+from jsparse.remat import remat_policy as remat_policy
+from jsparse.remat import squared_relu_ffn as squared_relu_ffn
+from jsparse.remat import store_activation as store_activation
 
 __version__ = "0.1.0"

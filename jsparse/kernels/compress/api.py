@@ -1,0 +1,98 @@
+"""Public bitmask packer: :func:`pack_bitmask` / :func:`unpack_bitmask` (storage, not differentiable)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jsparse.kernels import _common as common
+from jsparse.kernels.compress import format as fmt
+from jsparse.kernels.compress import pallas as compress_pallas
+from jsparse.kernels.compress import reference as ref
+
+BitmaskPacked = fmt.BitmaskPacked
+
+
+def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
+  return math.prod(shape[:-1]), shape[-1]
+
+
+def _resolve(op: str, shape: tuple[int, ...], dtype, implementation: str | None) -> str:
+  ok, why = compress_pallas.supports(_rows(shape), dtype)
+  return common.resolve_implementation(op, implementation, pallas_supports=ok, why_not=why)
+
+
+def pack_bitmask(x: jax.Array, capacity: float | int = 0.25, *, relu: bool = False, return_square: bool = False,
+                 implementation: str | None = None):
+  """Packs the non-zeros of ``x`` (or of ``relu(x)``) into a bitmask + fixed-capacity values buffer.
+
+  Two passes on a GPU: per-row counts, a prefix sum over rows (XLA, a few kB), then one kernel writing the bitmask
+  and scattering the values (and ``h``). Non-zeros beyond ``capacity`` (the last ones in row-major order) are not
+  stored: check ``packed.dropped_fraction``, or size ``capacity`` above the density you expect.
+
+  Args:
+    x: floating array of rank >= 1; the last axis is a multiple of 32. Leading axes are flattened into rows.
+    capacity: the values buffer: a float in (0, 1] is a fraction of ``x.size`` (the density held without dropping),
+      an int an element count. ``1.0`` is always exact (but larger than dense: 1/16 extra for the bitmask).
+    relu: pack ``relu(x)`` instead of ``x`` (NaN stays NaN), fused into the same passes.
+    return_square: also return ``h = r*r`` (float32 product rounded to ``x.dtype``) of exactly the stored values,
+      zeros elsewhere: the squared-ReLU activation, so a forward pass can compute with what the backward will see.
+    implementation: ``None``, ``"pallas"`` or ``"xla"``.
+
+  Returns:
+    :class:`BitmaskPacked` (``.shape`` is ``x.shape``), or ``(packed, h)`` with ``return_square``.
+
+  Raises:
+    ValueError: non-floating ``x``, rank 0, last axis not a multiple of 32, or a bad ``capacity``.
+  """
+  op = "pack_bitmask"
+  common.check_floating(op, "x", x)
+  common.check_rank(op, "x", x, 1)
+  common.check_multiple(op, "axis -1", x.shape[-1], fmt.WORD_BITS, "word bits")
+  elements = fmt.capacity_elements(op, x.shape, capacity)
+  shape = tuple(x.shape)
+  x_RxC = x.reshape(_rows(shape))
+  if _resolve(op, shape, x.dtype, implementation) == "xla":
+    out = ref.pack(x_RxC, elements, relu=relu, square_out=return_square)
+    packed, h = out if return_square else (out, None)
+  else:
+    interpret = common.interpret_enabled()
+    counts = compress_pallas.count(x_RxC, relu=relu, interpret=interpret)
+    offsets = fmt.saturating_exclusive_cumsum(counts, elements)
+    outs = compress_pallas.pack(x_RxC, offsets, elements, relu=relu, square_out=return_square, interpret=interpret)
+    bits, values = outs[:2]
+    h = outs[2] if return_square else None
+    packed = fmt.BitmaskPacked(bits, values, offsets, jnp.sum(counts.astype(jnp.float32)), x_RxC.shape)
+  packed = fmt.BitmaskPacked(packed.bits, packed.values, packed.row_offsets, packed.nnz, shape)
+  if not return_square:
+    return packed
+  return packed, h.reshape(shape)
+
+
+def unpack_bitmask(packed: BitmaskPacked, *, return_square: bool = False, implementation: str | None = None):
+  """Dense array of a :class:`BitmaskPacked` (zeros where nothing is stored).
+
+  Args:
+    packed: from :func:`pack_bitmask`.
+    return_square: also return ``r*r`` of it (float32 product rounded), fused into the same pass.
+    implementation: ``None``, ``"pallas"`` or ``"xla"``.
+
+  Returns:
+    ``r`` shaped ``packed.shape``, or ``(r, h)`` with ``return_square``.
+  """
+  op = "unpack_bitmask"
+  if not isinstance(packed, fmt.BitmaskPacked):
+    raise ValueError(f"{op}: packed must be a BitmaskPacked, got {type(packed).__name__}")
+  shape = packed.shape
+  rows = _rows(shape)
+  flat = fmt.BitmaskPacked(packed.bits, packed.values, packed.row_offsets, packed.nnz, rows)
+  if _resolve(op, shape, packed.dtype, implementation) == "xla":
+    out = ref.unpack(flat, square_out=return_square)
+  else:
+    out = compress_pallas.unpack(packed.bits, packed.row_offsets, packed.values, rows, square_out=return_square,
+                                 interpret=common.interpret_enabled())
+  if not return_square:
+    return out.reshape(shape)
+  return out[0].reshape(shape), out[1].reshape(shape)

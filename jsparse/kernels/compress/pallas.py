@@ -1,0 +1,222 @@
+"""Pallas GPU kernels of the bitmask packer (Triton backend; CPU interpret twins).
+
+Three kernels, each a grid over bands of ``block_rows`` rows that walks its band in chunks of ``block_cols``
+columns (so any row length that is a multiple of the chunk works, e.g. F = 14336):
+
+* ``count``: non-zeros per row (pass 1; reads the input once).
+* ``pack``: with the rows' offsets known (an exclusive prefix sum of the counts, in XLA: a few kB), writes the
+  bitmask, scatters the non-zeros into the global values buffer and optionally the dense ``h = r*r`` of the stored
+  values (pass 2; fused with the squared ReLU in the FFN, so the FFN forward pays one extra read of ``y1``, not a
+  separate activation pass).
+* ``unpack``: gathers the values back into the dense array (and optionally ``h``), one pass.
+
+Positions inside a chunk come from a running per-row count plus a prefix sum along the chunk, matching the
+row-major order of :mod:`jsparse.kernels.compress.reference` exactly, so kernels and reference agree bit for bit.
+
+``pl.pallas_call`` is given Triton ``CompilerParams`` explicitly: JAX 0.10 would otherwise pick Mosaic GPU (which has
+no cumsum), and JAX 0.11 lowers ``pallas_call`` only through Triton anyway.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from jsparse.kernels.compress import format as fmt
+
+try:  # Triton-specific masked load/store; absent only in JAX builds without the Triton backend.
+  from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover
+  pltriton = None
+
+BLOCK_ROWS = (16, 8, 4, 2, 1)
+BLOCK_COLS = (1024, 512, 256, 128, 64, 32)
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def supports(shape: tuple[int, ...], dtype) -> tuple[bool, str]:
+  """Whether the kernels handle an input of this shape/dtype (else the caller uses the reference)."""
+  if pltriton is None:
+    return False, "this JAX has no Pallas Triton backend"
+  if len(shape) != 2:
+    return False, f"expects a 2-D array, got shape {shape}"
+  if jnp.dtype(dtype) not in DTYPES:
+    return False, f"dtype {jnp.dtype(dtype)} is not one of bfloat16, float16, float32"
+  if shape[1] % 32:
+    return False, f"the row length {shape[1]} is not a multiple of 32"
+  return True, ""
+
+
+def default_blocks(shape: tuple[int, int]) -> tuple[int, int]:
+  """Largest (block_rows, block_cols) dividing the shape (8 rows x 1024 columns where possible)."""
+  R, C = shape
+  br = next(b for b in BLOCK_ROWS[1:] if R % b == 0)
+  bc = next(b for b in BLOCK_COLS if C % b == 0)
+  return br, bc
+
+
+def _params(num_warps: int):
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+
+
+def _activation(x, relu: bool):
+  if not relu:
+    return x
+  zero = jnp.zeros((), x.dtype)
+  return jnp.where(x > 0, x, jnp.where(x != x, x, zero))  # x != x: NaN stays NaN
+
+
+def _square(r):
+  r32 = r.astype(jnp.float32)
+  return (r32 * r32).astype(r.dtype)
+
+
+def _exclusive_prefix(nz_i32):
+  return jnp.cumsum(nz_i32, axis=1) - nz_i32
+
+
+def _pack_words(keep, br: int, bc: int):
+  lanes = keep.astype(jnp.uint32).reshape(br, bc // fmt.WORD_BITS, fmt.WORD_BITS)
+  shifts = jax.lax.broadcasted_iota(jnp.uint32, (br, bc // fmt.WORD_BITS, fmt.WORD_BITS), 2)
+  return jnp.sum(lanes << shifts, axis=2)
+
+
+def _unpack_words(words, br: int, bc: int):
+  shape = (br, bc // fmt.WORD_BITS, fmt.WORD_BITS)
+  shifts = jax.lax.broadcasted_iota(jnp.uint32, shape, 2)
+  lanes = (jnp.broadcast_to(words[:, :, None], shape) >> shifts) & jnp.uint32(1)
+  return lanes.reshape(br, bc) != 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# count
+
+
+def _count_kernel(x_ref, counts_ref, *, relu: bool, br: int, bc: int, chunks: int):
+  def body(k, acc):
+    x = x_ref[:, pl.ds(pl.multiple_of(k * bc, bc), bc)]
+    nz = (_activation(x, relu) != 0).astype(jnp.int32)
+    return acc + jnp.sum(nz, axis=1)
+
+  counts_ref[...] = jax.lax.fori_loop(0, chunks, body, jnp.zeros((br,), jnp.int32))
+
+
+def count(x_RxC: jax.Array, *, relu: bool, block_rows: int | None = None, block_cols: int | None = None,
+          num_warps: int = 4, interpret: bool = False) -> jax.Array:
+  """Non-zeros per row of ``activation(x)``, int32 ``(R,)``."""
+  R, C = x_RxC.shape
+  br, bc = _blocks(x_RxC.shape, block_rows, block_cols)
+  kernel = functools.partial(_count_kernel, relu=relu, br=br, bc=bc, chunks=C // bc)
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((R,), jnp.int32), grid=(R // br,),
+      in_specs=[pl.BlockSpec((br, C), lambda i: (i, 0))],
+      out_specs=pl.BlockSpec((br,), lambda i: (i,)),
+      compiler_params=_params(num_warps), interpret=interpret, name="jsparse_bitmask_count")(x_RxC)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pack
+
+
+def _pack_kernel(x_ref, offsets_ref, values_in_ref, bits_ref, values_ref, *h_ref, relu: bool, capacity: int,
+                 br: int, bc: int, chunks: int):
+  del values_in_ref  # aliased to values_ref: a zeroed buffer, so the unused tail reads as zeros
+  bw = bc // fmt.WORD_BITS
+
+  def body(k, start):
+    col = pl.multiple_of(k * bc, bc)
+    r = _activation(x_ref[:, pl.ds(col, bc)], relu)
+    nz = (r != 0).astype(jnp.int32)
+    pos = start[:, None] + _exclusive_prefix(nz)
+    keep = (nz != 0) & (pos < capacity)
+    # Masked-off lanes point past the buffer: Triton never touches them, and the interpreter's scatter drops them
+    # (with an in-bounds dummy index its read-modify-write could race a real store to that slot).
+    pltriton.store(values_ref.at[jnp.where(keep, pos, capacity)], r, mask=keep)
+    bits_ref[:, pl.ds(pl.multiple_of(k * bw, bw), bw)] = _pack_words(keep, br, bc)
+    if h_ref:
+      h_ref[0][:, pl.ds(col, bc)] = jnp.where(keep, _square(r), jnp.zeros((), r.dtype))
+    return start + jnp.sum(nz, axis=1)
+
+  jax.lax.fori_loop(0, chunks, body, offsets_ref[...])
+
+
+def pack(x_RxC: jax.Array, row_offsets: jax.Array, capacity: int, *, relu: bool, square_out: bool,
+         block_rows: int | None = None, block_cols: int | None = None, num_warps: int = 4,
+         interpret: bool = False):
+  """Pass 2 of the packer. Returns ``(bits, values)`` and, with ``square_out``, ``h``."""
+  R, C = x_RxC.shape
+  br, bc = _blocks(x_RxC.shape, block_rows, block_cols)
+  out_shape = [jax.ShapeDtypeStruct((R, C // fmt.WORD_BITS), jnp.uint32),
+               jax.ShapeDtypeStruct((capacity,), x_RxC.dtype)]
+  out_specs = [pl.BlockSpec((br, C // fmt.WORD_BITS), lambda i: (i, 0)),
+               pl.BlockSpec((capacity,), lambda i: (0,))]
+  if square_out:
+    out_shape.append(jax.ShapeDtypeStruct((R, C), x_RxC.dtype))
+    out_specs.append(pl.BlockSpec((br, C), lambda i: (i, 0)))
+  kernel = functools.partial(_pack_kernel, relu=relu, capacity=capacity, br=br, bc=bc, chunks=C // bc)
+  return pl.pallas_call(
+      kernel, out_shape=tuple(out_shape), grid=(R // br,),
+      in_specs=[pl.BlockSpec((br, C), lambda i: (i, 0)), pl.BlockSpec((br,), lambda i: (i,)),
+                pl.BlockSpec((capacity,), lambda i: (0,))],
+      out_specs=tuple(out_specs), input_output_aliases={2: 1},
+      compiler_params=_params(num_warps), interpret=interpret, name="jsparse_bitmask_pack",
+  )(x_RxC, row_offsets, jnp.zeros((capacity,), x_RxC.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# unpack
+
+
+def _unpack_kernel(bits_ref, offsets_ref, values_ref, r_ref, *h_ref, br: int, bc: int, chunks: int):
+  bw = bc // fmt.WORD_BITS
+  capacity = values_ref.shape[0]
+
+  def body(k, start):
+    col = pl.multiple_of(k * bc, bc)
+    keep = _unpack_words(bits_ref[:, pl.ds(pl.multiple_of(k * bw, bw), bw)], br, bc)
+    nz = keep.astype(jnp.int32)
+    pos = start[:, None] + _exclusive_prefix(nz)
+    r = pltriton.load(values_ref.at[jnp.where(keep, pos, capacity - 1)], mask=keep, other=0)
+    r = jnp.where(keep, r, jnp.zeros((), r.dtype))
+    r_ref[:, pl.ds(col, bc)] = r
+    if h_ref:
+      h_ref[0][:, pl.ds(col, bc)] = jnp.where(keep, _square(r), jnp.zeros((), r.dtype))
+    return start + jnp.sum(nz, axis=1)
+
+  jax.lax.fori_loop(0, chunks, body, offsets_ref[...])
+
+
+def unpack(bits: jax.Array, row_offsets: jax.Array, values: jax.Array, shape: tuple[int, int], *,
+           square_out: bool, block_rows: int | None = None, block_cols: int | None = None, num_warps: int = 4,
+           interpret: bool = False):
+  """Dense ``r`` (and ``h`` with ``square_out``) from the packed arrays."""
+  R, C = shape
+  br, bc = _blocks(shape, block_rows, block_cols)
+  capacity = values.shape[0]
+  out_shape = [jax.ShapeDtypeStruct((R, C), values.dtype)]
+  out_specs = [pl.BlockSpec((br, C), lambda i: (i, 0))]
+  if square_out:
+    out_shape.append(jax.ShapeDtypeStruct((R, C), values.dtype))
+    out_specs.append(pl.BlockSpec((br, C), lambda i: (i, 0)))
+  kernel = functools.partial(_unpack_kernel, br=br, bc=bc, chunks=C // bc)
+  out = pl.pallas_call(
+      kernel, out_shape=tuple(out_shape), grid=(R // br,),
+      in_specs=[pl.BlockSpec((br, C // fmt.WORD_BITS), lambda i: (i, 0)), pl.BlockSpec((br,), lambda i: (i,)),
+                pl.BlockSpec((capacity,), lambda i: (0,))],
+      out_specs=tuple(out_specs),
+      compiler_params=_params(num_warps), interpret=interpret, name="jsparse_bitmask_unpack",
+  )(bits, row_offsets, values)
+  return tuple(out) if square_out else out[0]
+
+
+def _blocks(shape, block_rows, block_cols) -> tuple[int, int]:
+  R, C = shape
+  br, bc = default_blocks(shape)
+  br = block_rows or br
+  bc = block_cols or bc
+  if R % br or C % bc or bc % fmt.WORD_BITS:
+    raise ValueError(f"bitmask kernels: blocks ({br}, {bc}) do not tile shape {shape}")
+  return br, bc
