@@ -1,0 +1,59 @@
+"""The FFI calls: ``compress`` (dense 2:4 -> cuSPARSELt's compressed buffer) and ``matmul`` (sparse-A GEMM).
+
+Shapes are validated by the public ops (``jsparse.kernels.sparse_matmul.api``); these wrappers only assert.
+
+Product modes (the sparse operand is always cuSPARSELt's A, row-major ``m x k``, 2:4 along k):
+
+* ``mode=0``: ``out (m, n) = A @ dense``, ``dense`` row-major ``(k, n)`` -- ``sparse_matmul(h, w2)``.
+* ``mode=1``: ``out (n, m) = dense @ A.T``, ``dense`` row-major ``(n, k)`` (cuSPARSELt: B with op T, D column-major)
+  -- ``sparse_matmul(x, w, sparse_operand="b")`` with A = ``w.T``.
+
+Under ``jax.vmap`` both calls run once per batch element (``vmap_method="sequential"``): each is a full GEMM and the
+plan cache makes repeated shapes free.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsparse.kernels.cusparselt import library
+
+ACTIVATIONS = {"none": 0, "squared_relu": 1}
+# auto: the jsparse kernel if it matches the library bit for bit at this shape (checked at first use), else the
+# library's compress after the jsparse selection. jsparse / library: forced (tests and benchmarks); "library" expects
+# an input that is already 2:4 and does not prune (exactly what cusparseLtSpMMACompress does).
+METHODS = {"auto": 0, "jsparse": 1, "library": 2}
+
+
+def compress(x_RxK: jax.Array, activation: str = "none", method: str = "auto") -> jax.Array:
+  """cuSPARSELt's compressed buffer (``uint8``) of the 2:4 selection of ``x_RxK`` along its last axis.
+
+  Selection: the two largest |x| of every 4 (``activation="none"``) or the two largest relu(x) with values
+  ``relu(x)**2`` (``"squared_relu"``); ties to the lower index, NaN kept -- :func:`jsparse.nm_prune` and
+  :func:`jsparse.squared_relu_nm` exactly.
+  """
+  lib = library.load()
+  rows, cols = x_RxK.shape
+  nbytes = lib.compressed_size(rows, cols, x_RxK.dtype)
+  call = jax.ffi.ffi_call("jsparse_cslt_compress", jax.ShapeDtypeStruct((nbytes,), jnp.uint8),
+                          vmap_method="sequential")
+  return call(x_RxK, activation=np.int32(ACTIVATIONS[activation]), method=np.int32(METHODS[method]))
+
+
+def matmul(packed: jax.Array, dense: jax.Array, *, m: int, k: int, mode: int, search: bool,
+           out_dtype=None) -> jax.Array:
+  """The sparse GEMM on a compressed A (``m x k``); see the module docstring for ``mode``."""
+  if mode == 0:
+    kk, n = dense.shape
+    out_shape = (m, n)
+  else:
+    n, kk = dense.shape
+    out_shape = (n, m)
+  assert kk == k, (dense.shape, m, k, mode)
+  out_dtype = dense.dtype if out_dtype is None else out_dtype
+  call = jax.ffi.ffi_call("jsparse_cslt_matmul", jax.ShapeDtypeStruct(out_shape, out_dtype),
+                          vmap_method="sequential")
+  return call(packed, dense, m=np.int64(m), n=np.int64(n), k=np.int64(k), mode=np.int32(mode),
+              search=np.int32(bool(search)))
