@@ -229,6 +229,93 @@ def _ffn(x_TxD: jax.Array, w1_DxF: jax.Array, w2_FxD: jax.Array, spec: _Spec):
   return _core(y1_TxF, w2_FxD, spec)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# remat="auto": jax.custom_remat (JAX >= 0.11 with jax_remat3) reads the enclosing checkpoint's policy.
+
+
+def custom_remat_available() -> bool:
+  """Whether ``remat="auto"`` can run: ``jax.custom_remat`` exists and ``jax_remat3`` is switched on."""
+  return hasattr(jax, "custom_remat") and bool(getattr(jax.config, "jax_remat3", False))
+
+
+def _store_for_policy(policy) -> str | None:
+  """The residual form an enclosing policy asks for: "bitmask", "dense" or None (recompute)."""
+  policies = jax.checkpoint_policies
+  names: set[str] = set()
+  for attr in ("saveable_names", "names_which_can_be_saved", "names_which_can_be_offloaded"):
+    names |= set(getattr(policy, attr, ()) or ())
+  if isinstance(policy, getattr(policies, "SaveAnyNamesButThese", ())):
+    names |= set(REMAT_NAMES) - set(policy.names)
+  if FFN_ACT_COMPRESSED in names:
+    return "bitmask"
+  if FFN_ACT in names:
+    return "dense"
+  return None
+
+
+def _auto_f(x_TxD, w1_DxF, w2_FxD, spec):
+  y1_TxF = checkpoint_name(x_TxD @ w1_DxF, FFN_HIDDEN)
+  _, h_TxF, stats = _activation_forward(y1_TxF, dataclasses.replace(spec, store="dense"))
+  return h_TxF @ w2_FxD, stats
+
+
+def _auto_fwd(policy, x_TxD, w1_DxF, w2_FxD, spec):
+  store = _store_for_policy(policy)
+  y1_TxF = checkpoint_name(x_TxD @ w1_DxF, FFN_HIDDEN)
+  stored, h_TxF, stats = _activation_forward(y1_TxF, dataclasses.replace(spec, store=store or "dense"))
+  res = None if store is None else checkpoint_name(stored, FFN_ACT if store == "dense" else FFN_ACT_COMPRESSED)
+  offload = FFN_ACT_COMPRESSED in (getattr(policy, "names_which_can_be_offloaded", ()) or ())
+  if res is not None and offload:
+    # custom_remat residuals bypass the policy's offload step (JAX 0.11.2), so move them ourselves.
+    res = _OffloadedResidual(jax.device_put(res, jax.memory.Space.Host))
+  return (h_TxF @ w2_FxD, stats), res
+
+
+@jax.tree_util.register_pytree_node_class
+class _OffloadedResidual:
+  """Marks a residual that ``_auto_fwd`` moved to host memory (a pytree wrapper, so it flows through JAX)."""
+
+  def __init__(self, stored):
+    self.stored = stored
+
+  def tree_flatten(self):
+    return (self.stored,), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    return cls(children[0])
+
+
+def _auto_rem(res, x_TxD, w1_DxF, w2_FxD, spec):
+  if res is None:  # nothing saved: recompute y1 (the "recompute" policy, or any policy that names nothing of ours)
+    stored, _, stats = _activation_forward(x_TxD @ w1_DxF, dataclasses.replace(spec, store="dense"))
+  else:
+    stored, stats = res, None
+    if isinstance(stored, _OffloadedResidual):
+      stored = jax.device_put(stored.stored, jax.memory.Space.Device)
+  r_TxF, h_TxF = load_activation(stored, return_square=True, implementation=spec.implementation)
+  if stats is None:
+    stats = dict(density=jnp.mean((r_TxF != 0).astype(jnp.float32)), dropped_fraction=jnp.zeros((), jnp.float32))
+  return (h_TxF @ w2_FxD, stats), (r_TxF, h_TxF, x_TxD, w1_DxF, w2_FxD)
+
+
+def _auto_bwd(res2, cts):
+  r_TxF, h_TxF, x_TxD, w1_DxF, w2_FxD = res2
+  g_TxD, _ = cts
+  dh_TxF = g_TxD @ w2_FxD.T
+  dy1_TxF = (2.0 * r_TxF.astype(jnp.float32) * dh_TxF.astype(jnp.float32)).astype(r_TxF.dtype)
+  return dy1_TxF @ w1_DxF.T, x_TxD.T @ dy1_TxF, (h_TxF.T @ g_TxD).astype(w2_FxD.dtype)
+
+
+@functools.cache
+def _auto_ffn(spec: _Spec):
+  # One custom_remat per (static) spec, closed over: JAX 0.11.2's custom_remat static_argnums mis-counts leaves.
+  return jax.custom_remat(functools.partial(_auto_f, spec=spec),
+                          lambda policy, *args: _auto_fwd(policy, *args, spec),
+                          lambda res, *args: _auto_rem(res, *args, spec), _auto_bwd)
+
+
 def squared_relu_ffn(x: jax.Array, w1: jax.Array, w2: jax.Array, *, remat: str = "compressed",
                      capacity: float | int = 0.25, nm: tuple[int, int] | None = None, return_stats: bool = False,
                      implementation: str | None = None) -> Any:
@@ -240,7 +327,12 @@ def squared_relu_ffn(x: jax.Array, w1: jax.Array, w2: jax.Array, *, remat: str =
 
   Args:
     x: ``(..., D)`` tokens. w1: ``(D, F)``. w2: ``(F, D_out)``. One floating dtype for all three.
-    remat: ``"compressed"`` (default), ``"save_dense"``, ``"offload"`` or ``"recompute"``.
+    remat: ``"compressed"`` (default), ``"save_dense"``, ``"offload"`` or ``"recompute"``; or ``"auto"``: follow
+      the enclosing ``jax.checkpoint``'s policy (whichever of :data:`FFN_ACT_COMPRESSED` / :data:`FFN_ACT` it
+      saves or offloads; recompute if neither) through ``jax.custom_remat`` -- JAX >= 0.11 with
+      ``jax.config.update("jax_remat3", True)``, and only inside a ``jax.checkpoint`` (JAX 0.11.2 raises
+      NotImplementedError for ``jax.grad`` of a custom_remat outside one, or under ``everything_saveable``).
+      Without differentiation "auto" computes the plain FFN (no capacity drop).
     capacity: for ``"compressed"``/``"offload"``: the packed buffer as a fraction of T x F (the activation density
       it holds without dropping; 1.0 never drops) or an element count. Memory is ``T F (1/16 + capacity)`` of a
       16-bit dense activation.
@@ -268,19 +360,25 @@ def squared_relu_ffn(x: jax.Array, w1: jax.Array, w2: jax.Array, *, remat: str =
     raise ValueError(f"{op}: shapes do not chain: x{tuple(x.shape)} @ w1{tuple(w1.shape)} @ w2{tuple(w2.shape)}")
   if len({jnp.dtype(a.dtype) for a in (x, w1, w2)}) > 1:
     raise ValueError(f"{op}: x, w1 and w2 must share one dtype, got {x.dtype}, {w1.dtype}, {w2.dtype}")
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"{op}: remat must be one of {REMAT_POLICIES}, got {remat!r}")
+  if remat not in REMAT_POLICIES + ("auto",):
+    raise ValueError(f"{op}: remat must be one of {REMAT_POLICIES + ('auto',)}, got {remat!r}")
+  if remat == "auto" and not custom_remat_available():
+    raise ValueError(f"{op}: remat='auto' needs jax.custom_remat with jax_remat3=True (JAX >= 0.11); this JAX "
+                     f"{'has it off' if hasattr(jax, 'custom_remat') else 'lacks it'}: pass remat='compressed' etc.")
   if nm is not None:
     common.check_nm(op, *nm)
     common.check_multiple(op, "F (w1 axis 1)", F, nm[1], "m")
-  store = "dense" if remat in ("save_dense", "recompute") else "bitmask"
+  store = "dense" if remat in ("save_dense", "recompute") else "bitmask"  # "auto": decided per policy
   T = x.size // D
   elements = 0
-  if store == "bitmask":
+  if store == "bitmask" or remat == "auto":
     common.check_multiple(op, "F (w1 axis 1)", F, compress_format.WORD_BITS, "word bits")
     elements = compress_format.capacity_elements(op, (T, F), capacity)
   spec = _Spec(store, elements, None if nm is None else tuple(nm), implementation)
-  fn = jax.checkpoint(functools.partial(_ffn, spec=spec), policy=remat_policy(remat))
-  out, stats = fn(x.reshape(T, D), w1, w2)
+  if remat == "auto":
+    out, stats = _auto_ffn(spec)(x.reshape(T, D), w1, w2)
+  else:
+    fn = jax.checkpoint(functools.partial(_ffn, spec=spec), policy=remat_policy(remat))
+    out, stats = fn(x.reshape(T, D), w1, w2)
   out = out.reshape(*x.shape[:-1], w2.shape[1])
   return (out, stats) if return_stats else out
