@@ -1,0 +1,390 @@
+// jsparse's cuSPARSELt FFI library: the XLA FFI handlers for the 2:4 sparse GEMM and the compress op, and a few
+// exported C functions (sizes, statistics, plan info) read through ctypes.
+//
+// Execute does no per-call setup: plans come from the process-wide cache (plan_cache.h), built on first use of a
+// shape. With search=1 the first call of a shape also runs cusparseLtMatmulSearch (blocking; these handlers do not
+// declare command-buffer compatibility, so XLA never runs them under CUDA-graph capture) and keeps the result.
+// Workspaces come from XLA's scratch allocator. Every CUDA / cuSPARSELt status is checked and returned as an
+// ffi::Error naming the call.
+#include <cuda_runtime.h>
+#include <cusparseLt.h>
+
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "plan_cache.h"
+#include "sparsify24.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jsparse {
+namespace {
+
+ffi::Error to_ffi(const Status& s, const char* op) {
+  if (s.empty()) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("jsparse ") + op + ": " + s);
+}
+
+int dtype_code(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::BF16: return kBF16;
+    case ffi::DataType::F16: return kF16;
+    case ffi::DataType::F8E4M3FN: return kE4M3;
+    default: return -1;
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+Status current_device(int* device) {
+  JSPARSE_CUDA(cudaGetDevice(device));
+  return {};
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Compress
+
+template <int ACT, bool DENSE_OUT>
+Status launch_sparsify(int dtype, const void* x, void* packed, void* dense_out, int64_t rows, int64_t cols,
+                       cudaStream_t stream) {
+  const int64_t threads = (rows / 2) * (cols / 8);
+  const int block = 256;
+  const int64_t grid = (threads + block - 1) / block;
+  uint16_t* values = static_cast<uint16_t*>(packed);
+  uint8_t* meta = packed ? static_cast<uint8_t*>(packed) + rows * cols : nullptr;  // rows*cols/2 values x 2 bytes
+  if (dtype == kBF16) {
+    sparsify24_kernel<__nv_bfloat16, ACT, DENSE_OUT><<<grid, block, 0, stream>>>(
+        static_cast<const uint16_t*>(x), values, meta, static_cast<uint16_t*>(dense_out), rows, cols);
+  } else {
+    sparsify24_kernel<__half, ACT, DENSE_OUT><<<grid, block, 0, stream>>>(
+        static_cast<const uint16_t*>(x), values, meta, static_cast<uint16_t*>(dense_out), rows, cols);
+  }
+  JSPARSE_CUDA(cudaGetLastError());
+  return {};
+}
+
+Status sparsify(int activation, bool dense_out, int dtype, const void* x, void* packed, void* dense, int64_t rows,
+                int64_t cols, cudaStream_t stream) {
+  if (activation == kActNone) {
+    return dense_out ? launch_sparsify<kActNone, true>(dtype, x, nullptr, dense, rows, cols, stream)
+                     : launch_sparsify<kActNone, false>(dtype, x, packed, nullptr, rows, cols, stream);
+  }
+  return dense_out ? launch_sparsify<kActSquaredRelu, true>(dtype, x, nullptr, dense, rows, cols, stream)
+                   : launch_sparsify<kActSquaredRelu, false>(dtype, x, packed, nullptr, rows, cols, stream);
+}
+
+bool jsparse_kernel_applies(const CompressEntry& e, int dtype, int64_t rows, int64_t cols) {
+  // The kernel writes 16-bit values on 64 x 64 tiles; the library's buffer must have exactly our size.
+  return (dtype == kBF16 || dtype == kF16) && rows % 64 == 0 && cols % 64 == 0 &&
+         e.size == size_t(rows) * size_t(cols) * 9 / 8;
+}
+
+// Compresses a synthetic exactly-2:4 matrix of this shape with the library and with the jsparse kernel and compares
+// the buffers byte for byte. Blocking (one device sync per new shape).
+Status check_layout(CompressEntry& e, int dtype, int64_t rows, int64_t cols, cudaStream_t stream,
+                    ffi::ScratchAllocator& scratch, bool* ok) {
+  stats().layout_checks++;
+  *ok = false;
+  if (!jsparse_kernel_applies(e, dtype, rows, cols)) return {};
+  const size_t dense_bytes = size_t(rows) * size_t(cols) * 2;
+  auto dense = scratch.Allocate(dense_bytes, 256);
+  auto lib_buf = scratch.Allocate(e.size, 256);
+  auto our_buf = scratch.Allocate(e.size, 256);
+  auto tmp = scratch.Allocate(e.tmp_size > 0 ? e.tmp_size : 1, 256);
+  auto result = scratch.Allocate(2 * sizeof(unsigned long long), 16);
+  if (!dense || !lib_buf || !our_buf || !tmp || !result) {
+    return "layout check: could not allocate scratch memory for a " + std::to_string(rows) + "x" +
+           std::to_string(cols) + " check";
+  }
+  const int64_t groups = rows * cols / 4;
+  const uint32_t seed = uint32_t(rows * 131 + cols * 7 + dtype);
+  if (dtype == kBF16) {
+    make_test_24_kernel<__nv_bfloat16><<<(groups + 255) / 256, 256, 0, stream>>>(static_cast<uint16_t*>(*dense),
+                                                                              groups, seed);
+  } else {
+    make_test_24_kernel<__half><<<(groups + 255) / 256, 256, 0, stream>>>(static_cast<uint16_t*>(*dense), groups,
+                                                                       seed);
+  }
+  JSPARSE_CUDA(cudaGetLastError());
+  JSPARSE_CUDA(cudaMemsetAsync(*lib_buf, 0, e.size, stream));
+  JSPARSE_CUDA(cudaMemsetAsync(*our_buf, 0xA5, e.size, stream));  // different fill: an unwritten byte cannot match
+  JSPARSE_CSLT(cusparseLtSpMMACompress2(e.handle, &e.desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, *dense, *lib_buf,
+                                        *tmp, stream));
+  JSPARSE_RETURN_IF_ERROR(sparsify(kActNone, false, dtype, *dense, *our_buf, nullptr, rows, cols, stream));
+  auto* res = static_cast<unsigned long long*>(*result);
+  init_result_kernel<<<1, 1, 0, stream>>>(res, int64_t(e.size));
+  count_mismatch_kernel<<<1024, 256, 0, stream>>>(static_cast<const uint8_t*>(*lib_buf),
+                                                  static_cast<const uint8_t*>(*our_buf), int64_t(e.size), res);
+  JSPARSE_CUDA(cudaGetLastError());
+  unsigned long long host[2] = {0, 0};
+  JSPARSE_CUDA(cudaMemcpyAsync(host, res, sizeof(host), cudaMemcpyDeviceToHost, stream));
+  JSPARSE_CUDA(cudaStreamSynchronize(stream));
+  *ok = host[0] == 0;
+  if (!*ok) {
+    stats().layout_mismatches++;
+    std::fprintf(stderr,
+                 "jsparse: WARNING: the jsparse 2:4 compress kernel does not match cusparseLtSpMMACompress for a "
+                 "%lldx%lld %s matrix (%llu of %zu bytes differ, first at byte %llu); falling back to the library's "
+                 "compress for this shape (slower).\n",
+                 (long long)rows, (long long)cols, dtype == kBF16 ? "bf16" : "fp16", host[0], e.size, host[1]);
+  }
+  return {};
+}
+
+enum Method : int { kAuto = 0, kJsparse = 1, kLibrary = 2 };
+
+Status compress(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer x,
+                ffi::Result<ffi::AnyBuffer> packed, int32_t activation, int32_t method) {
+  const int dtype = dtype_code(x.element_type());
+  auto dims = x.dimensions();
+  if (dims.size() != 2) return "x must be 2-D (rows, cols)";
+  const int64_t rows = dims[0], cols = dims[1];
+  if (dtype < 0) return "x must be bfloat16, float16 or float8_e4m3fn";
+  if (dtype == kE4M3 && (method != kLibrary || activation != kActNone)) {
+    return "float8_e4m3fn operands are compressed by the library only (method='library', no activation)";
+  }
+  if (activation != kActNone && activation != kActSquaredRelu) return "unknown activation";
+  if (packed->element_type() != ffi::DataType::U8) return "the compressed buffer must be uint8";
+  if (!aligned16(x.untyped_data()) || !aligned16(packed->untyped_data())) return "buffers must be 16-byte aligned";
+  int device = 0;
+  JSPARSE_RETURN_IF_ERROR(current_device(&device));
+  std::shared_ptr<CompressEntry> entry;
+  int layout = -1;
+  {
+    std::lock_guard<std::mutex> lock(global_mutex());
+    JSPARSE_RETURN_IF_ERROR(get_compress_entry_locked({device, rows, cols, dtype}, &entry));
+    if (packed->size_bytes() != entry->size) {
+      return "the compressed buffer has " + std::to_string(packed->size_bytes()) + " bytes, cuSPARSELt needs " +
+             std::to_string(entry->size);
+    }
+    if (method == kAuto && entry->layout < 0) {
+      bool ok = false;
+      JSPARSE_RETURN_IF_ERROR(check_layout(*entry, dtype, rows, cols, stream, scratch, &ok));
+      entry->layout = ok ? 1 : 0;
+    }
+    layout = entry->layout;
+  }
+  const bool ours = method == kJsparse || (method == kAuto && layout == 1);
+  if (ours) {
+    if (!jsparse_kernel_applies(*entry, dtype, rows, cols)) {
+      return "the jsparse compress kernel needs 16-bit data, rows and cols multiples of 64 and cuSPARSELt's "
+             "compressed size to be rows*cols*9/8 bytes";
+    }
+    stats().compress_jsparse++;
+    return sparsify(activation, false, dtype, x.untyped_data(), packed->untyped_data(), nullptr, rows, cols, stream);
+  }
+  stats().compress_library++;
+  const void* source = x.untyped_data();
+  if (method == kAuto) {
+    // Keep the op's contract (the same selection as nm_prune / squared_relu_nm) on the fallback: select with the
+    // jsparse kernel into a dense scratch copy, then let the library compress that.
+    auto pruned = scratch.Allocate(size_t(rows) * size_t(cols) * 2, 256);
+    if (!pruned) return "could not allocate scratch memory for the pruned copy";
+    JSPARSE_RETURN_IF_ERROR(sparsify(activation, true, dtype, source, nullptr, *pruned, rows, cols, stream));
+    source = *pruned;
+  } else if (activation != kActNone) {
+    return "method='library' takes an already-2:4 input and no activation";
+  }
+  auto tmp = scratch.Allocate(entry->tmp_size > 0 ? entry->tmp_size : 1, 256);
+  if (!tmp) return "could not allocate cuSPARSELt's compress buffer";
+  JSPARSE_CSLT(cusparseLtSpMMACompress2(entry->handle, &entry->desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, source,
+                                        packed->untyped_data(), *tmp, stream));
+  return {};
+}
+
+ffi::Error CompressImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                        ffi::Result<ffi::AnyBuffer> packed, int32_t activation, int32_t method) {
+  return to_ffi(compress(stream, scratch, x, packed, activation, method), "compress");
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Matmul
+
+Status matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer packed, ffi::AnyBuffer dense,
+              ffi::Result<ffi::AnyBuffer> out, int64_t m, int64_t n, int64_t k, int32_t mode, int32_t search) {
+  const int dtype = dtype_code(dense.element_type());
+  if (dtype < 0) return "the dense operand must be bfloat16, float16 or float8_e4m3fn";
+  const ffi::DataType want_out = dtype == kE4M3 ? ffi::DataType::BF16 : dense.element_type();
+  if (out->element_type() != want_out) return "the output dtype does not match the operands";
+  if (packed.element_type() != ffi::DataType::U8) return "the compressed operand must be uint8";
+  if (mode != 0 && mode != 1) return "mode must be 0 or 1";
+  auto dd = dense.dimensions();
+  auto od = out->dimensions();
+  const bool dense_ok = dd.size() == 2 && (mode == 0 ? (dd[0] == k && dd[1] == n) : (dd[0] == n && dd[1] == k));
+  const bool out_ok = od.size() == 2 && (mode == 0 ? (od[0] == m && od[1] == n) : (od[0] == n && od[1] == m));
+  if (!dense_ok || !out_ok) return "operand shapes do not match m, n, k and mode";
+  if (!aligned16(packed.untyped_data()) || !aligned16(dense.untyped_data()) || !aligned16(out->untyped_data())) {
+    return "buffers must be 16-byte aligned";
+  }
+  int device = 0;
+  JSPARSE_RETURN_IF_ERROR(current_device(&device));
+  const PlanKey key{device, m, n, k, mode, dtype, search ? 1 : 0};
+  const float alpha = 1.0f, beta = 0.0f;
+  std::shared_ptr<Plan> plan;
+  {
+    std::lock_guard<std::mutex> lock(global_mutex());
+    JSPARSE_RETURN_IF_ERROR(get_plan_locked(key, &plan));
+    if (packed.size_bytes() < plan->compressed_size) {
+      return "the compressed operand has " + std::to_string(packed.size_bytes()) + " bytes, the plan needs " +
+             std::to_string(plan->compressed_size);
+    }
+    if (key.search && !plan->searched) {
+      // Once per shape, outside any graph capture (see the file comment). The search tries every algorithm and
+      // split-K setting; its workspace must hold the largest, hence the generous floor.
+      const size_t ws = plan->workspace > (size_t(64) << 20) ? plan->workspace : (size_t(64) << 20);
+      auto search_ws = scratch.Allocate(ws, 256);
+      if (!search_ws) return "could not allocate the search workspace";
+      cudaStream_t streams[1] = {stream};
+      JSPARSE_CSLT(cusparseLtMatmulSearch(plan->handle, &plan->plan, &alpha, packed.untyped_data(),
+                                          dense.untyped_data(), &beta, out->untyped_data(), out->untyped_data(),
+                                          *search_ws, streams, 1));
+      JSPARSE_RETURN_IF_ERROR(plan->read_choice());
+      // Rebuild the plan from the searched selection (as NVIDIA's sample does) so its workspace size is current.
+      JSPARSE_CSLT(cusparseLtMatmulAlgSetAttribute(plan->handle, &plan->selection, CUSPARSELT_MATMUL_ALG_CONFIG_ID,
+                                                   &plan->alg_id, sizeof(plan->alg_id)));
+      JSPARSE_CSLT(cusparseLtMatmulAlgSetAttribute(plan->handle, &plan->selection, CUSPARSELT_MATMUL_SPLIT_K,
+                                                   &plan->split_k, sizeof(plan->split_k)));
+      if (plan->split_k > 1) {
+        JSPARSE_CSLT(cusparseLtMatmulAlgSetAttribute(plan->handle, &plan->selection, CUSPARSELT_MATMUL_SPLIT_K_MODE,
+                                                     &plan->split_k_mode, sizeof(plan->split_k_mode)));
+      }
+      JSPARSE_RETURN_IF_ERROR(plan->init_plan());
+      plan->searched = true;
+      stats().searches++;
+    }
+  }
+  void* workspace = nullptr;
+  if (plan->workspace > 0) {
+    auto ws = scratch.Allocate(plan->workspace, 256);
+    if (!ws) return "could not allocate the matmul workspace (" + std::to_string(plan->workspace) + " bytes)";
+    workspace = *ws;
+  }
+  cudaStream_t streams[1] = {stream};
+  JSPARSE_CSLT(cusparseLtMatmul(plan->handle, &plan->plan, &alpha, packed.untyped_data(), dense.untyped_data(), &beta,
+                                out->untyped_data(), out->untyped_data(), workspace, streams, 1));
+  stats().matmuls++;
+  return {};
+}
+
+ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer packed,
+                      ffi::AnyBuffer dense, ffi::Result<ffi::AnyBuffer> out, int64_t m, int64_t n, int64_t k,
+                      int32_t mode, int32_t search) {
+  return to_ffi(matmul(stream, scratch, packed, dense, out, m, n, k, mode, search), "matmul");
+}
+
+}  // namespace
+}  // namespace jsparse
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseCsltCompress, jsparse::CompressImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("activation")
+                                  .Attr<int32_t>("method"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseCsltMatmul, jsparse::MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("m")
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("k")
+                                  .Attr<int32_t>("mode")
+                                  .Attr<int32_t>("search"));
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Host helpers for Python (ctypes). They use the calling thread's current device.
+
+extern "C" {
+
+int jsparse_cslt_version() {
+  int major = 0, minor = 0, patch = 0;
+  if (cusparseLtGetProperty(MAJOR_VERSION, &major) != CUSPARSE_STATUS_SUCCESS ||
+      cusparseLtGetProperty(MINOR_VERSION, &minor) != CUSPARSE_STATUS_SUCCESS ||
+      cusparseLtGetProperty(PATCH_LEVEL, &patch) != CUSPARSE_STATUS_SUCCESS) {
+    return -1;
+  }
+  return major * 1000 + minor * 100 + patch;
+}
+
+int jsparse_cslt_compressed_size(int64_t rows, int64_t cols, int32_t dtype, int64_t* size, int64_t* tmp_size,
+                                 char* err, int64_t err_len) {
+  using namespace jsparse;
+  auto fail = [&](const Status& s) {
+    if (err && err_len > 0) std::snprintf(err, size_t(err_len), "%s", s.c_str());
+    return 1;
+  };
+  if (dtype < kBF16 || dtype > kE4M3) return fail("unknown dtype code");
+  int device = 0;
+  Status s = current_device(&device);
+  if (!s.empty()) return fail(s);
+  std::shared_ptr<CompressEntry> entry;
+  {
+    std::lock_guard<std::mutex> lock(global_mutex());
+    s = get_compress_entry_locked({device, rows, cols, dtype}, &entry);
+  }
+  if (!s.empty()) return fail(s);
+  *size = int64_t(entry->size);
+  *tmp_size = int64_t(entry->tmp_size);
+  return 0;
+}
+
+void jsparse_cslt_stats(int64_t* out, int32_t n) {
+  using namespace jsparse;
+  int64_t live = 0;
+  {
+    std::lock_guard<std::mutex> lock(global_mutex());
+    live = int64_t(plans_locked().size());
+  }
+  Stats& st = stats();
+  const int64_t values[] = {st.plans_built.load(), st.plan_hits.load(), st.plan_evictions.load(),
+                            st.searches.load(), st.layout_checks.load(), st.layout_mismatches.load(),
+                            live, st.compress_jsparse.load(), st.compress_library.load(), st.matmuls.load()};
+  for (int i = 0; i < n && i < int(sizeof(values) / sizeof(values[0])); ++i) out[i] = values[i];
+}
+
+int jsparse_cslt_layout_status(int64_t rows, int64_t cols, int32_t dtype) {
+  using namespace jsparse;
+  int device = 0;
+  if (!current_device(&device).empty()) return -1;
+  std::lock_guard<std::mutex> lock(global_mutex());
+  auto& entries = compress_entries_locked();
+  auto it = entries.find({device, rows, cols, dtype});
+  return it == entries.end() ? -1 : it->second->layout;
+}
+
+int jsparse_cslt_plan_info(int64_t m, int64_t n, int64_t k, int32_t mode, int32_t dtype, int32_t search,
+                           int64_t* out) {
+  using namespace jsparse;
+  int device = 0;
+  if (!current_device(&device).empty()) return 0;
+  std::lock_guard<std::mutex> lock(global_mutex());
+  auto& plans = plans_locked();
+  auto it = plans.find({device, m, n, k, mode, dtype, search ? 1 : 0});
+  if (it == plans.end()) return 0;
+  const Plan& p = *it->second;
+  out[0] = p.alg_id;
+  out[1] = p.split_k;
+  out[2] = p.split_k_mode;
+  out[3] = int64_t(p.workspace);
+  out[4] = p.alg_max_id;
+  return 1;
+}
+
+int64_t jsparse_cslt_clear_plans() {
+  using namespace jsparse;
+  std::lock_guard<std::mutex> lock(global_mutex());
+  auto& plans = plans_locked();
+  const int64_t n = int64_t(plans.size());
+  plans.clear();
+  return n;
+}
+
+}  // extern "C"

@@ -1,0 +1,220 @@
+// 2:4 selection + compression into cuSPARSELt's sm90 16-bit compressed layout, in one pass over the dense input.
+//
+// Layout (reverse-engineered by torchao's deleted sparsify24.cu / sparse24_metadata.h, "MetadataCusparseLt16bitsSm90";
+// officially opaque, so the handler checks it bit for bit against cusparseLtSpMMACompress at first use per shape):
+//
+//   [ values: rows x cols/2 elements, row-major; per group of 4 the two kept ones, in index order ]
+//   [ metadata: rows * cols / 8 bytes ]
+//
+// Metadata: one nibble per group of 4, idx0 | idx1 << 2 (idx0 < idx1, the kept positions). The nibbles of a
+// 16-row x 32-column block fill 64 bytes at
+//     (row / 64) * 8 * cols + (col / 32) * 256 + ((row % 64) / 16) * 64
+// and inside the block byte  rr * 8 + b  (rr = row % 8, b = 0..7) holds group g = b / 2 + 4 * (b % 2) of the block
+// (groups 0..7 along the 32 columns): row rr in the low nibble, row rr + 8 in the high nibble.
+//
+// Thread mapping: one thread takes rows r and r + 8 of a 16-row band and 8 consecutive columns (two 16-byte loads,
+// 2 x 2 groups). Consecutive threads take consecutive 8-column chunks, so loads and value stores are coalesced; the
+// thread holding column chunk q (q = chunk % 4 inside a 32-column block) and the one holding q ^ 2 are lanes l and
+// l ^ 2 of one warp, and one shuffle lets q = 0, 1 write the block row's 8 metadata bytes as two 4-byte words.
+//
+// Selection: key |x| (none) or relu(x) (squared ReLU), float32, NaN as +inf; the two largest keys of each group win,
+// ties to the lower index -- exactly jsparse.nm_prune / jsparse.squared_relu_nm. Squared-ReLU values are
+// relu(x)^2 computed in float32 and rounded to nearest-even once (NaN stays NaN), as the XLA reference does.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace jsparse {
+
+enum Activation : int { kActNone = 0, kActSquaredRelu = 1 };
+
+template <typename T>
+struct Bits;
+
+template <>
+struct Bits<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+  static __device__ __forceinline__ uint16_t from_float(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+};
+
+template <>
+struct Bits<__half> {
+  static __device__ __forceinline__ float to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
+  static __device__ __forceinline__ uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+
+__device__ __forceinline__ uint16_t pick4(uint16_t v0, uint16_t v1, uint16_t v2, uint16_t v3, int i) {
+  // Selects without a run-time-indexed array (which would go to local memory).
+  return i == 0 ? v0 : (i == 1 ? v1 : (i == 2 ? v2 : v3));
+}
+
+// Selects 2 of the 4 raw 16-bit values x0..x3; writes the kept (transformed) values in index order; returns the
+// metadata nibble idx0 | idx1 << 2.
+template <typename T, int ACT>
+__device__ __forceinline__ uint32_t select_group(uint16_t x0, uint16_t x1, uint16_t x2, uint16_t x3, uint16_t& out0,
+                                                 uint16_t& out1) {
+  const uint16_t raw[4] = {x0, x1, x2, x3};
+  float key[4];
+  uint16_t val[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float v = Bits<T>::to_float(raw[i]);
+    const bool nan = v != v;
+    if (ACT == kActNone) {
+      key[i] = nan ? __int_as_float(0x7f800000) : fabsf(v);
+      val[i] = raw[i];
+    } else {
+      const float r = nan ? v : fmaxf(v, 0.0f);
+      key[i] = nan ? __int_as_float(0x7f800000) : r;
+      val[i] = Bits<T>::from_float(r * r);
+    }
+  }
+  // j beats i when key[j] > key[i], or key[j] == key[i] and j < i; rank = number of elements that beat it.
+  const int c01 = key[1] > key[0], c02 = key[2] > key[0], c03 = key[3] > key[0];
+  const int c12 = key[2] > key[1], c13 = key[3] > key[1], c23 = key[3] > key[2];
+  const int r0 = c01 + c02 + c03;
+  const int r1 = (1 - c01) + c12 + c13;
+  const int r2 = (1 - c02) + (1 - c12) + c23;
+  const int r3 = (1 - c03) + (1 - c13) + (1 - c23);
+  const uint32_t keep = (r0 < 2) | ((r1 < 2) << 1) | ((r2 < 2) << 2) | ((r3 < 2) << 3);
+  const int i0 = __ffs(keep) - 1;
+  const int i1 = 31 - __clz(keep);
+  out0 = pick4(val[0], val[1], val[2], val[3], i0);
+  out1 = pick4(val[0], val[1], val[2], val[3], i1);
+  return uint32_t(i0) | (uint32_t(i1) << 2);
+}
+
+__device__ __forceinline__ void unpack8(const uint4& v, uint16_t (&x)[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    x[2 * i] = uint16_t(w[i] & 0xffffu);
+    x[2 * i + 1] = uint16_t(w[i] >> 16);
+  }
+}
+
+// Requires rows % 16 == 0 and cols % 32 == 0 (the handler enforces rows % 64 and cols % 64), so every warp is full.
+// DENSE_OUT: write the pruned (and activated) dense matrix instead of the compressed one (the library-compress
+// fallback's first step).
+template <typename T, int ACT, bool DENSE_OUT>
+__global__ void __launch_bounds__(256) sparsify24_kernel(const uint16_t* __restrict__ x, uint16_t* __restrict__ values,
+                                                         uint8_t* __restrict__ meta, uint16_t* __restrict__ dense_out,
+                                                         int64_t rows, int64_t cols) {
+  const int64_t chunks = cols >> 3;
+  const int64_t total = (rows >> 1) * chunks;
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= total) return;  // total % 32 == 0: whole warps leave together, so the shuffle below stays full
+  const int64_t c8 = t % chunks;
+  const int64_t pair = t / chunks;
+  const int rr = int(pair & 7);
+  const int64_t r0 = (pair >> 3) * 16 + rr;
+  const int64_t r1 = r0 + 8;
+
+  const uint4 v0 = __ldcs(reinterpret_cast<const uint4*>(x + r0 * cols + c8 * 8));
+  const uint4 v1 = __ldcs(reinterpret_cast<const uint4*>(x + r1 * cols + c8 * 8));
+  uint16_t a[8], b[8];
+  unpack8(v0, a);
+  unpack8(v1, b);
+  uint16_t oa[4], ob[4];
+  const uint32_t na0 = select_group<T, ACT>(a[0], a[1], a[2], a[3], oa[0], oa[1]);
+  const uint32_t na1 = select_group<T, ACT>(a[4], a[5], a[6], a[7], oa[2], oa[3]);
+  const uint32_t nb0 = select_group<T, ACT>(b[0], b[1], b[2], b[3], ob[0], ob[1]);
+  const uint32_t nb1 = select_group<T, ACT>(b[4], b[5], b[6], b[7], ob[2], ob[3]);
+
+  if (DENSE_OUT) {
+    uint16_t da[8], db[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // compile-time indices only: everything stays in registers
+      da[j] = j == int(na0 & 3) ? oa[0] : (j == int(na0 >> 2) ? oa[1] : uint16_t(0));
+      da[4 + j] = j == int(na1 & 3) ? oa[2] : (j == int(na1 >> 2) ? oa[3] : uint16_t(0));
+      db[j] = j == int(nb0 & 3) ? ob[0] : (j == int(nb0 >> 2) ? ob[1] : uint16_t(0));
+      db[4 + j] = j == int(nb1 & 3) ? ob[2] : (j == int(nb1 >> 2) ? ob[3] : uint16_t(0));
+    }
+    uint4 wa, wb;
+    wa.x = da[0] | (uint32_t(da[1]) << 16); wa.y = da[2] | (uint32_t(da[3]) << 16);
+    wa.z = da[4] | (uint32_t(da[5]) << 16); wa.w = da[6] | (uint32_t(da[7]) << 16);
+    wb.x = db[0] | (uint32_t(db[1]) << 16); wb.y = db[2] | (uint32_t(db[3]) << 16);
+    wb.z = db[4] | (uint32_t(db[5]) << 16); wb.w = db[6] | (uint32_t(db[7]) << 16);
+    *reinterpret_cast<uint4*>(dense_out + r0 * cols + c8 * 8) = wa;
+    *reinterpret_cast<uint4*>(dense_out + r1 * cols + c8 * 8) = wb;
+    return;
+  }
+
+  const int64_t half_cols = cols >> 1;
+  uint2 pa, pb;
+  pa.x = oa[0] | (uint32_t(oa[1]) << 16);
+  pa.y = oa[2] | (uint32_t(oa[3]) << 16);
+  pb.x = ob[0] | (uint32_t(ob[1]) << 16);
+  pb.y = ob[2] | (uint32_t(ob[3]) << 16);
+  __stcs(reinterpret_cast<uint2*>(values + r0 * half_cols + c8 * 4), pa);
+  __stcs(reinterpret_cast<uint2*>(values + r1 * half_cols + c8 * 4), pb);
+
+  // This thread's groups inside the 32-column block are 2q and 2q + 1. Their bytes: row r0's nibble low, r1's high.
+  const uint32_t byte_lo = na0 | (nb0 << 4);  // group 2q
+  const uint32_t byte_hi = na1 | (nb1 << 4);  // group 2q + 1
+  const uint32_t mine = byte_lo | (byte_hi << 8);
+  const uint32_t other = __shfl_xor_sync(0xffffffffu, mine, 2);  // the thread with q ^ 2: groups 2q + 4, 2q + 5
+  const int q = int(c8 & 3);
+  if (q < 2) {
+    // bytes 4q .. 4q + 3 of the row: groups 2q, 2q + 4, 2q + 1, 2q + 5
+    const uint32_t word = (mine & 0xffu) | ((other & 0xffu) << 8) | (((mine >> 8) & 0xffu) << 16) |
+                          (((other >> 8) & 0xffu) << 24);
+    const int64_t offset = (r0 >> 6) * 8 * cols + (c8 >> 2) * 256 + ((r0 & 63) >> 4) * 64 + rr * 8 + q * 4;
+    __stcs(reinterpret_cast<unsigned int*>(meta + offset), word);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Layout self-check helpers: a deterministic matrix with exactly two non-zeros in every group (all six position pairs
+// occur), so the compressed form is unique and the library's and ours must agree byte for byte.
+
+__device__ __forceinline__ uint32_t mix32(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return uint32_t((z ^ (z >> 31)) >> 16);
+}
+
+template <typename T>
+__global__ void make_test_24_kernel(uint16_t* __restrict__ x, int64_t groups, uint32_t seed) {
+  const int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (g >= groups) return;
+  const uint32_t h = mix32(uint64_t(g) * 0x100000001b3ull + seed);
+  const int pair = int(h % 6u);
+  const int first[6] = {0, 0, 0, 1, 1, 2}, second[6] = {1, 2, 3, 2, 3, 3};
+  // 1 + k/128 with k < 128 is exact in bf16 and fp16; never zero, never a tie problem (two non-zeros per group).
+  const float va = (1.0f + float((h >> 8) & 127u) / 128.0f) * ((h >> 30) & 1u ? -1.0f : 1.0f);
+  const float vb = (1.0f + float((h >> 16) & 127u) / 128.0f) * ((h >> 31) & 1u ? -1.0f : 1.0f);
+  uint16_t out[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (j == first[pair]) out[j] = Bits<T>::from_float(va);
+    if (j == second[pair]) out[j] = Bits<T>::from_float(vb);
+  }
+  uint2 w;
+  w.x = out[0] | (uint32_t(out[1]) << 16);
+  w.y = out[2] | (uint32_t(out[3]) << 16);
+  reinterpret_cast<uint2*>(x)[g] = w;
+}
+
+__global__ void count_mismatch_kernel(const uint8_t* __restrict__ a, const uint8_t* __restrict__ b, int64_t n,
+                                      unsigned long long* __restrict__ result) {
+  // result[0]: mismatching bytes; result[1]: first mismatching offset (initialised to n).
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    if (a[i] != b[i]) {
+      atomicAdd(result, 1ull);
+      atomicMin(result + 1, (unsigned long long)i);
+    }
+  }
+}
+
+__global__ void init_result_kernel(unsigned long long* result, int64_t n) {
+  result[0] = 0;
+  result[1] = (unsigned long long)n;
+}
+
+}  // namespace jsparse
