@@ -197,7 +197,8 @@ def test_vmap_over_leading_batch(impl):
     (lambda: jsparse.sparse_matmul(_x((64, 128)), _x((128, 64)), sparse_operand="c"), "sparse_operand"),
     (lambda: jsparse.sparse_matmul(_x((64, 128)), _x((128, 64)), implementation="pallas"), "implementation"),
     (lambda: jsparse.sparse_matmul(_x((64, 128)), jsparse.compress_24(_x((128, 64)), operand="b",
-                                                                      implementation="xla")), "b is a Compressed24 but sparse_operand='a'"),
+                                                                      implementation="xla")),
+     "b is a Compressed24 but sparse_operand='a'"),
     (lambda: jsparse.compress_24(_x((64, 128)), transposable=True), "transposable"),
     (lambda: jsparse.compress_24(_x((128, 64)), operand="c"), "operand must be"),
     (lambda: jsparse.squared_relu_24_compress(_x((64, 126))), "group size"),
@@ -239,8 +240,8 @@ def test_default_falls_back_with_one_warning(monkeypatch):
   a, b = _x((64, 128)), _x((128, 64))
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    out1, out2 = jax.jit(lambda a, b: (jsparse.sparse_matmul(a, b), jsparse.sparse_matmul(jsparse.compress_24(a), b)))(
-        a, b)
+    both = lambda a, b: (jsparse.sparse_matmul(a, b), jsparse.sparse_matmul(jsparse.compress_24(a), b))
+    out1, out2 = jax.jit(both)(a, b)
   msgs = [str(w.message) for w in caught if "cuSPARSELt is not used" in str(w.message)]
   assert len(msgs) == 1, msgs
   assert "XLA masked-dense path" in msgs[0]

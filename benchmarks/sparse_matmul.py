@@ -1,0 +1,245 @@
+"""2:4 sparse GEMM through cuSPARSELt (jsparse's FFI) vs XLA dense, the library's compress and torch, in one process.
+
+For every (M, K, N), bf16, the 2:4 operand A is M x K (the activation-sparse product ``h @ W2``):
+
+* ``dense_ms``                -- XLA ``a @ b`` on the same (pruned) operands.
+* ``ours_ms``                 -- jsparse's GEMM alone on a pre-compressed A (plan cached, algorithm searched once).
+* ``ours_compress_ms``        -- jsparse's compress kernel alone (dense A -> cuSPARSELt's layout).
+* ``ours_with_compress_ms``   -- ``sparse_matmul(a, b)`` from the dense A: compress + GEMM.
+* ``lib_compress_ms``         -- ``cusparseLtSpMMACompress`` on the same A (through the same FFI target).
+* ``torch_ms``                -- ``torch._cslt_sparse_mm`` with the algorithm from ``torch._C._cusparselt.mm_search``.
+* ``ours_b_ms``               -- the weight-sparse product ``x @ W`` (W 2:4 along K) with the same M, K, N.
+* ``copy_gbps`` / ``compress_gbps`` -- bytes moved per second by a same-size elementwise copy and by the compress.
+
+Run on the GPU: ``python -m benchmarks.sparse_matmul --out $OUT/sparse_matmul.json``. Every jsparse GEMM runs with
+``JSPARSE_CUSPARSELT_SEARCH=1`` (set here). One record per shape, plus the fused FFN2 activation path and an fp8 probe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("JSPARSE_CUSPARSELT_SEARCH", "1")
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")  # leave room for torch in the same process
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jsparse
+from benchmarks import _util
+from jsparse.kernels.cusparselt import library, ops
+
+SHAPES = [(4096, 4096, 4096), (16384, 2048, 8192), (16384, 8192, 2048), (8192, 4096, 14336), (8192, 14336, 4096),
+          (8192, 8192, 8192), (32768, 8192, 8192)]
+FFN2_SHAPE = (16384, 8192, 2048)
+
+
+def exact_24(key, shape, dtype):
+  """A random operand with exactly two non-zeros in every group of 4 along the last axis (never test on zeros)."""
+  x = jax.random.normal(key, shape, jnp.float32)
+  x = jnp.where(jnp.abs(x) < 1e-3, 1.0, x)
+  return jsparse.nm_prune(x.astype(dtype), implementation="xla")
+
+
+def rel_err(out, ref) -> float:
+  out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+  return float(np.linalg.norm(out - ref) / (np.linalg.norm(ref) + 1e-30))
+
+
+def torch_time(M, K, N, iters=20, rounds=5) -> tuple[float | None, float | None, str]:
+  """(torch._cslt_sparse_mm ms with its searched alg, torch dense mm ms, note)."""
+  try:
+    import torch
+  except ImportError as e:
+    return None, None, f"torch unavailable: {e}"
+  try:
+    torch.manual_seed(0)
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    mask = torch.zeros_like(a, dtype=torch.bool).view(M, K // 4, 4)
+    top = a.abs().view(M, K // 4, 4).topk(2, dim=-1).indices
+    mask.scatter_(-1, top, True)
+    a = a * mask.view(M, K)
+    b = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+    ac = torch._cslt_compress(a)
+    alg_id, split_k, split_k_mode, _ = torch._C._cusparselt.mm_search(ac, b, None, None, None, False)
+    try:
+      fn = lambda: torch._cslt_sparse_mm(ac, b, alg_id=alg_id, split_k=split_k, split_k_mode=split_k_mode)
+      fn()
+    except TypeError:  # older keyword
+      fn = lambda: torch._cslt_sparse_mm(ac, b, alg_id=alg_id, split_k=split_k, split_k_one_kernel=bool(split_k_mode))
+    dense = lambda: torch.mm(a, b)
+
+    def bench(f):
+      for _ in range(3):
+        f()
+      torch.cuda.synchronize()
+      times = []
+      for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+          f()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+      return statistics.median(times)
+
+    out = bench(fn), bench(dense), f"alg_id={alg_id} split_k={split_k} split_k_mode={split_k_mode}"
+    del a, b, ac
+    torch.cuda.empty_cache()
+    return out
+  except Exception as e:  # report, never hide: the record says why torch is missing
+    return None, None, f"torch failed: {type(e).__name__}: {e}"
+
+
+def bench_shape(M, K, N, lib) -> dict:
+  dtype = jnp.bfloat16
+  key = jax.random.key(M * 7 + K * 3 + N)
+  ka, kb = jax.random.split(key)
+  a = jax.jit(lambda k: exact_24(k, (M, K), dtype))(ka)
+  b = jax.random.normal(kb, (K, N), jnp.float32).astype(dtype) * (K ** -0.5)
+  x = a  # the weight-sparse product reuses the shapes: x (M, K) dense, W (K, N) 2:4 along K
+  w = jax.jit(lambda b: jsparse.nm_prune(b, axis=0, implementation="xla"))(b)
+
+  dense = jax.jit(lambda a, b: a @ b)
+  compress = jax.jit(lambda a: ops.compress(a))
+  compress_lib = jax.jit(lambda a: ops.compress(a, method="library"))
+  gemm = jax.jit(lambda p, b: ops.matmul(p, b, m=M, k=K, mode=0, search=True))
+  with_compress = jax.jit(lambda a, b: jsparse.sparse_matmul(a, b, implementation="cusparselt"))
+  copy = jax.jit(lambda a: -a)
+  wc = jsparse.compress_24(w, operand="b", implementation="cusparselt")
+  gemm_b = jax.jit(lambda x, c: jsparse.sparse_matmul(x, c, sparse_operand="b", implementation="cusparselt"))
+
+  packed = jax.block_until_ready(compress(a))
+  packed_lib = jax.block_until_ready(compress_lib(a))
+  same_bytes = bool(np.array_equal(np.asarray(packed), np.asarray(packed_lib)))
+  ref = dense(a, b)
+  err = rel_err(gemm(packed, b), ref)
+  err_with = rel_err(with_compress(a, b), ref)
+  err_b = rel_err(gemm_b(x, wc), dense(x, w))
+
+  r = dict(M=M, K=K, N=N, dtype="bfloat16")
+  r["dense_ms"] = _util.time_fn(dense, a, b)
+  r["ours_ms"] = _util.time_fn(gemm, packed, b)
+  r["ours_compress_ms"] = _util.time_fn(compress, a)
+  r["ours_with_compress_ms"] = _util.time_fn(with_compress, a, b)
+  r["lib_compress_ms"] = _util.time_fn(compress_lib, a, iters=5, rounds=3)
+  r["ours_b_ms"] = _util.time_fn(gemm_b, x, wc)
+  r["copy_ms"] = _util.time_fn(copy, a)
+  del packed_lib
+  torch_ms, torch_dense_ms, torch_note = torch_time(M, K, N)
+  r.update(torch_ms=torch_ms, torch_dense_ms=torch_dense_ms, torch_note=torch_note)
+  compress_bytes = M * K * 2 + M * K * 9 // 8
+  r["compress_gbps"] = compress_bytes / r["ours_compress_ms"] / 1e6
+  r["copy_gbps"] = 2 * M * K * 2 / r["copy_ms"] / 1e6
+  r["compress_frac_of_copy"] = r["compress_gbps"] / r["copy_gbps"]
+  r["ratio_vs_dense"] = r["dense_ms"] / r["ours_ms"]
+  r["ratio_with_compress_vs_dense"] = r["dense_ms"] / r["ours_with_compress_ms"]
+  r["ratio_b_vs_dense"] = r["dense_ms"] / r["ours_b_ms"]
+  r["ratio_compress_vs_lib"] = r["lib_compress_ms"] / r["ours_compress_ms"]
+  r["ratio_vs_torch"] = (torch_ms / r["ours_ms"]) if torch_ms else None
+  r["rel_err_gemm"], r["rel_err_with_compress"], r["rel_err_b"] = err, err_with, err_b
+  r["compress_bit_exact_vs_lib"] = same_bytes
+  r["layout"] = lib.layout_status(M, K, dtype)
+  r["plan"] = lib.plan_info(M, N, K, 0, dtype, True)
+  return r
+
+
+def bench_ffn2(lib) -> dict:
+  """The activation path: relu^2 + 2:4 + h @ W2 from the pre-activation, XLA vs jsparse's fused compress + GEMM."""
+  T, F, D = FFN2_SHAPE
+  ky, kw = jax.random.split(jax.random.key(1))
+  y = jax.random.normal(ky, (T, F), jnp.float32).astype(jnp.bfloat16)
+  w2 = (jax.random.normal(kw, (F, D), jnp.float32) * F ** -0.5).astype(jnp.bfloat16)
+  xla = jax.jit(lambda y, w: jsparse.squared_relu_nm(y, implementation="xla") @ w)
+  xla_dense = jax.jit(lambda y, w: jnp.square(jax.nn.relu(y)) @ w)
+  ours = jax.jit(lambda y, w: jsparse.sparse_matmul(jsparse.squared_relu_24_compress(y, implementation="cusparselt"),
+                                                    w, implementation="cusparselt"))
+  err = rel_err(ours(y, w2), xla(y, w2))
+  return dict(T=T, F=F, D=D, xla_masked_ms=_util.time_fn(xla, y, w2),
+              xla_dense_relu2_ms=_util.time_fn(xla_dense, y, w2), ours_ms=_util.time_fn(ours, y, w2), rel_err=err)
+
+
+def bench_fp8(lib) -> dict:
+  """Whether cuSPARSELt's e4m3 2:4 GEMM (bf16 out) runs on this GPU through the FFI, and how fast."""
+  M, K, N = FFN2_SHAPE
+  out = dict(M=M, K=K, N=N)
+  try:
+    a = jax.jit(lambda k: exact_24(k, (M, K), jnp.bfloat16))(jax.random.key(2)).astype(jnp.float8_e4m3fn)
+    b = (jax.random.normal(jax.random.key(3), (K, N), jnp.float32)).astype(jnp.float8_e4m3fn)
+    bt = jax.jit(lambda b: b.T)(b)
+    packed = jax.jit(lambda a: ops.compress(a, method="library"))(a)
+    dense8 = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.bfloat16))
+    ref = dense8(a, b)
+    for mode, operand in ((0, b), (1, None)):
+      name = f"mode{mode}"
+      try:
+        if mode == 0:
+          f = jax.jit(lambda p, d: ops.matmul(p, d, m=M, k=K, mode=0, search=True, out_dtype=jnp.bfloat16))
+          res = f(packed, b)
+          out[f"{name}_rel_err"] = rel_err(res, ref)
+          out[f"{name}_ms"] = _util.time_fn(f, packed, b)
+        else:
+          # out (n, m) = dense (n, k) @ A.T: with dense = b.T (N x K) this is (a @ b).T
+          f = jax.jit(lambda p, d: ops.matmul(p, d, m=M, k=K, mode=1, search=True, out_dtype=jnp.bfloat16))
+          res = f(packed, bt)
+          out[f"{name}_rel_err"] = rel_err(res.T, ref)
+          out[f"{name}_ms"] = _util.time_fn(f, packed, bt)
+      except Exception as e:
+        out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    try:
+      out["xla_fp8_dense_ms"] = _util.time_fn(dense8, a, b)
+    except Exception as e:
+      out["xla_fp8_dense_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+  except Exception as e:
+    out["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+  return out
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", required=True, help="results JSON path")
+  parser.add_argument("--shapes", default="all", help="'all' or a comma list of MxKxN")
+  parser.add_argument("--skip-extras", action="store_true", help="skip the FFN2-path and fp8 records")
+  args = parser.parse_args(argv)
+  shapes = SHAPES if args.shapes == "all" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+  lib = library.require("benchmarks.sparse_matmul")
+  print(f"device={_util.device_name()} cusparselt={lib.version()} jax={jax.__version__} "
+        f"search={os.environ['JSPARSE_CUSPARSELT_SEARCH']}", flush=True)
+  records, rows = [], []
+  for M, K, N in shapes:
+    t0 = time.perf_counter()
+    r = bench_shape(M, K, N, lib)
+    print(f"{M}x{K}x{N}: {r} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    records.append(_util.record("sparse_matmul", config=dict(shape=[M, K, N], dtype="bfloat16", sparse="a"),
+                                metric="time", baseline="xla_dense", ours=r["ours_ms"], base=r["dense_ms"], **r))
+    rows.append(r)
+  if not args.skip_extras:
+    f = bench_ffn2(lib)
+    print(f"ffn2: {f}", flush=True)
+    records.append(_util.record("sparse_matmul_ffn2_path", config=dict(shape=list(FFN2_SHAPE), dtype="bfloat16",
+                                                                       sparse="relu2(y) 2:4"),
+                                metric="time", baseline="xla_relu2_masked_dense", ours=f["ours_ms"],
+                                base=f["xla_masked_ms"], **f))
+    p = bench_fp8(lib)
+    print(f"fp8: {p}", flush=True)
+    if "mode1_ms" in p and "xla_fp8_dense_ms" in p:
+      records.append(_util.record("sparse_matmul_fp8", config=dict(shape=list(FFN2_SHAPE), dtype="float8_e4m3fn",
+                                                                   sparse="a"),
+                                  metric="time", baseline="xla_fp8_dense", ours=p["mode1_ms"],
+                                  base=p["xla_fp8_dense_ms"], **p))
+  print(f"stats: {lib.stats()}", flush=True)
+  _util.write_results(args.out, records)
+  _util.print_table(rows, ["M", "K", "N", "dense_ms", "ours_ms", "ratio_vs_dense", "ours_compress_ms",
+                           "compress_frac_of_copy", "lib_compress_ms", "ours_with_compress_ms",
+                           "ratio_with_compress_vs_dense", "torch_ms", "ratio_vs_torch", "ours_b_ms"])
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
