@@ -104,6 +104,25 @@ def remat_policy(name: str):
   raise ValueError(f"remat_policy: name must be one of {REMAT_POLICIES}, got {name!r}")
 
 
+def saved_residuals(fn, *args, **kwargs) -> list[tuple[Any, str]]:
+  """``(aval, source)`` of every residual ``jax.grad(fn)`` saves -- what ``print_saved_residuals`` prints.
+
+  JAX keeps the list form private (``jax._src.ad_checkpoint.saved_residuals``, in 0.10 and 0.11); this is the one
+  place jsparse reaches for it, so tests and benchmarks can assert sizes instead of parsing printed text.
+  """
+  from jax._src import ad_checkpoint as _ad_checkpoint  # pylint: disable=g-import-not-at-top
+  return list(_ad_checkpoint.saved_residuals(fn, *args, **kwargs))
+
+
+def residual_bytes(fn, *args, include_arguments: bool = False, **kwargs) -> int:
+  """Bytes of the residuals ``jax.grad(fn)`` saves (by default not counting ``fn``'s own arguments)."""
+  total = 0
+  for aval, source in saved_residuals(fn, *args, **kwargs):
+    if include_arguments or "from the argument" not in source:
+      total += aval.size * aval.dtype.itemsize
+  return total
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Store / load: the API for ops with their own custom_vjp (e.g. models.SparseFFN)
 

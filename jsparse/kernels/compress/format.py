@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 WORD_BITS = 32
-# Saturating prefix sums add two numbers <= _MAX_CAPACITY, which must not overflow int32.
-MAX_CAPACITY = 2**30
+# Saturating prefix sums add two numbers <= MAX_CAPACITY, whose sum must fit in int32.
+MAX_CAPACITY = 2**30 - 128
 
 
 @jax.tree_util.register_dataclass
@@ -100,6 +100,8 @@ def saturating_exclusive_cumsum(counts: jax.Array, limit: int) -> jax.Array:
   Offsets past the capacity are all equivalent (nothing there is stored), so saturating keeps the arithmetic in
   int32 even for tensors of more than 2**31 elements.
   """
+  if not 0 < limit <= MAX_CAPACITY:
+    raise ValueError(f"saturating_exclusive_cumsum: limit must be in (0, {MAX_CAPACITY}], got {limit}")
   counts = jnp.minimum(counts.astype(jnp.int32), limit)
   inclusive = jax.lax.associative_scan(lambda a, b: jnp.minimum(a + b, limit), counts)
   return jnp.concatenate([jnp.zeros((1,), jnp.int32), inclusive[:-1]])

@@ -1,0 +1,141 @@
+"""Bitmask packer: format, exactness, overflow, and the Pallas kernels against the reference (bit for bit)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsparse
+from jsparse.kernels.compress import format as fmt
+from jsparse.kernels.compress import pallas as kernels
+from jsparse.kernels.compress import reference as ref
+from tests.helpers import IMPLEMENTATIONS, assert_bitwise_equal, implementation
+
+DENSITIES = [0.5, 0.15, 0.05, 0.01, 1.0]  # 50%, 85%, 95%, 99% zeros, and all dense (adversarial)
+
+
+def _sparse(shape, density, dtype=jnp.bfloat16, seed=0, positive=False):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(k1, shape, jnp.float32)
+  if positive:
+    x = jnp.abs(x) + 0.01
+  keep = jax.random.uniform(k2, shape) < density
+  return jnp.where(keep, x, 0.0).astype(dtype)
+
+
+def _expected_kept(x, capacity):
+  """numpy: the row-major first `capacity` non-zeros of x, the rest zeroed."""
+  a = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+  nz = (a != 0) | np.isnan(a)
+  order = np.cumsum(nz.reshape(-1)).reshape(nz.shape) - 1
+  return np.where(nz & (order < capacity), a, 0.0).reshape(x.shape)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("density", DENSITIES)
+def test_roundtrip_exact_at_every_density(impl, density):
+  x = _sparse((32, 256), density, seed=int(density * 100))
+  nnz = int(jnp.sum(x != 0))
+  with implementation(impl) as im:
+    packed = jsparse.pack_bitmask(x, min(1.0, density * 1.2 + 0.01), implementation=im)
+    back = jsparse.unpack_bitmask(packed, implementation=im)
+  assert float(packed.dropped_fraction) == 0.0 and float(packed.nnz) == nnz
+  assert_bitwise_equal(back, x)
+  expected = ref.pack(x, packed.capacity)
+  for a, b in zip(jax.tree.leaves(packed), jax.tree.leaves(expected)):
+    assert_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_relu_square_fused(impl, dtype):
+  x = jax.random.normal(jax.random.key(3), (4, 8, 96), jnp.float32).astype(dtype)
+  x = x.at[0, 0, 5].set(jnp.nan)
+  with implementation(impl) as im:
+    packed, h = jsparse.pack_bitmask(x, 0.6, relu=True, return_square=True, implementation=im)
+    r, h2 = jsparse.unpack_bitmask(packed, return_square=True, implementation=im)
+  relu = jnp.where(jnp.isnan(x), x, jnp.maximum(x, 0))
+  assert packed.shape == x.shape and r.shape == x.shape
+  assert_bitwise_equal(r, relu)  # NaN is stored and comes back
+  expected_h = (relu.astype(jnp.float32) ** 2).astype(dtype)
+  assert_bitwise_equal(h, expected_h)
+  assert_bitwise_equal(h2, expected_h)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_overflow_drops_the_row_major_tail_and_reports_it(impl):
+  x = _sparse((32, 128), 0.5, seed=7)
+  nnz = int(jnp.sum(x != 0))
+  capacity = 1024  # < nnz (~2048)
+  with implementation(impl) as im:
+    packed, h = jsparse.pack_bitmask(x, capacity, return_square=True, implementation=im)
+    back = jsparse.unpack_bitmask(packed, implementation=im)
+  kept = _expected_kept(x, capacity)
+  np.testing.assert_array_equal(np.asarray(back, np.float32), kept)
+  assert_bitwise_equal(h, (jnp.asarray(kept, jnp.float32) ** 2).astype(x.dtype))
+  np.testing.assert_allclose(float(packed.dropped_fraction), (nnz - capacity) / nnz, rtol=1e-6)
+  np.testing.assert_allclose(float(packed.density), nnz / x.size, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl,shape,blocks", [
+    ("interpret", (8, 224), (4, 32)),  # 7 chunks of 32 columns per band (F = 7 x 2^k, like 14336)
+    ("interpret", (6, 256), (2, 128)),  # 3 bands of 2 rows
+    pytest.param("gpu", (48, 14336), (8, 1024), marks=pytest.mark.gpu),
+    pytest.param("gpu", (64, 8192), (16, 512), marks=pytest.mark.gpu),
+])
+def test_kernels_walk_chunks_and_bands(impl, shape, blocks):
+  """Several column chunks per band (running offsets) and odd row counts, against the reference, bit for bit."""
+  x = _sparse(shape, 0.3, jnp.float32, seed=11)
+  cap = fmt.capacity_elements("t", shape, 0.25)  # overflows on purpose: tail handling across bands
+  interpret = impl == "interpret"
+  br, bc = blocks
+  counts = kernels.count(x, relu=True, block_rows=br, block_cols=bc, interpret=interpret)
+  np.testing.assert_array_equal(counts, ref.row_counts(x, True))
+  offsets = fmt.saturating_exclusive_cumsum(counts, cap)
+  bits, values, h = kernels.pack(x, offsets, cap, relu=True, square_out=True, block_rows=br, block_cols=bc,
+                                 interpret=interpret)
+  expected, expected_h = ref.pack(x, cap, relu=True, square_out=True)
+  assert_bitwise_equal(bits, expected.bits)
+  assert_bitwise_equal(values, expected.values)
+  assert_bitwise_equal(h, expected_h)
+  r = kernels.unpack(bits, offsets, values, shape, square_out=False, block_rows=br, block_cols=bc,
+                     interpret=interpret)
+  assert_bitwise_equal(r, ref.unpack(expected))
+
+
+def test_format_sizes_and_layout():
+  x = _sparse((8, 8192), 0.05)
+  packed = jax.jit(lambda x: jsparse.pack_bitmask(x, 0.055, implementation="xla"))(x)
+  assert float(packed.dropped_fraction) == 0.0
+  assert packed.bits.shape == (8, 256) and packed.bits.dtype == jnp.uint32
+  assert packed.values.shape == (fmt.capacity_elements("t", x.shape, 0.055),)
+  assert packed.row_offsets.shape == (8,) and packed.row_offsets.dtype == jnp.int32
+  # 16-bit dense is 2 bytes/element; bitmask 1/8 byte + 0.055 x 2 bytes of values (+ offsets): > 8x smaller.
+  assert x.nbytes / packed.nbytes > 8.0
+  # Bit b of word w is column 32 w + b.
+  one = jnp.zeros((1, 64), jnp.float32).at[0, 37].set(2.0)
+  p = jsparse.pack_bitmask(one, 1.0, implementation="xla")
+  np.testing.assert_array_equal(p.bits, [[0, 1 << 5]])
+  assert float(p.values[0]) == 2.0 and float(p.values[1]) == 0.0
+
+
+def test_saturating_offsets_never_overflow():
+  counts = jnp.full((8,), 2**29, jnp.int32)
+  limit = fmt.MAX_CAPACITY
+  offsets = fmt.saturating_exclusive_cumsum(counts, limit)
+  np.testing.assert_array_equal(offsets, [0, 2**29] + [limit] * 6)
+
+
+@pytest.mark.parametrize("bad,match", [(dict(capacity=0.0), "capacity"), (dict(capacity=1.5), "capacity"),
+                                       (dict(capacity="x"), "capacity"), (dict(shape=(4, 48)), "multiple of")])
+def test_errors(bad, match):
+  x = jnp.ones(bad.get("shape", (4, 64)))
+  with pytest.raises(ValueError, match=match):
+    jsparse.pack_bitmask(x, bad.get("capacity", 0.5))
+
+
+def test_explicit_pallas_without_gpu_raises():
+  if jax.default_backend() == "gpu":
+    pytest.skip("a GPU is present")
+  with pytest.raises(ValueError, match="needs a CUDA GPU"):
+    jsparse.pack_bitmask(jnp.ones((4, 64)), implementation="pallas")
