@@ -212,9 +212,15 @@ def main(argv=None) -> int:
   print(f"device={_util.device_name()} cusparselt={lib.version()} jax={jax.__version__} "
         f"search={os.environ['JSPARSE_CUSPARSELT_SEARCH']}", flush=True)
   records, rows = [], []
+  failed = 0
   for M, K, N in shapes:
     t0 = time.perf_counter()
-    r = bench_shape(M, K, N, lib)
+    try:
+      r = bench_shape(M, K, N, lib)
+    except Exception as e:  # keep going: one shape's failure must not hide the others' numbers
+      failed += 1
+      print(f"{M}x{K}x{N}: FAILED {type(e).__name__}: {e}", flush=True)
+      continue
     print(f"{M}x{K}x{N}: {r} ({time.perf_counter() - t0:.1f} s)", flush=True)
     records.append(_util.record("sparse_matmul", config=dict(shape=[M, K, N], dtype="bfloat16", sparse="a"),
                                 metric="time", baseline="xla_dense", ours=r["ours_ms"], base=r["dense_ms"], **r))
@@ -238,7 +244,7 @@ def main(argv=None) -> int:
   _util.print_table(rows, ["M", "K", "N", "dense_ms", "ours_ms", "ratio_vs_dense", "ours_compress_ms",
                            "compress_frac_of_copy", "lib_compress_ms", "ours_with_compress_ms",
                            "ratio_with_compress_vs_dense", "torch_ms", "ratio_vs_torch", "ours_b_ms"])
-  return 0
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

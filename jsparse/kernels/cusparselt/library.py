@@ -26,7 +26,7 @@ from jsparse.kernels.cusparselt.build import CuSparseLtUnavailableError
 TARGETS = {"jsparse_cslt_matmul": "JsparseCsltMatmul", "jsparse_cslt_compress": "JsparseCsltCompress"}
 DTYPE_CODES = {jnp.dtype(jnp.bfloat16): 0, jnp.dtype(jnp.float16): 1, jnp.dtype(jnp.float8_e4m3fn): 2}
 STATS_FIELDS = ("plans_built", "plan_hits", "plan_evictions", "searches", "layout_checks", "layout_mismatches",
-                "live_plans", "compress_jsparse", "compress_library", "matmuls")
+                "live_plans", "compress_jsparse", "compress_library", "matmuls", "async_allocs")
 LAYOUT_STATUS = {-1: "unchecked", 0: "mismatch", 1: "verified"}
 
 _lock = threading.Lock()

@@ -43,6 +43,40 @@ Status current_device(int* device) {
   return {};
 }
 
+// A temporary device buffer for the duration of one handler call: from XLA's scratch allocator (which accepts
+// alignments up to 16 bytes; its buffers are 256-byte aligned in practice), else stream-ordered from CUDA's pool
+// (cudaMallocAsync / cudaFreeAsync on the same stream, so it is released only after the kernels that use it).
+class TempBuffer {
+ public:
+  TempBuffer(ffi::ScratchAllocator& scratch, size_t size, cudaStream_t stream) : stream_(stream) {
+    size = size > 0 ? size : 16;
+    auto p = scratch.Allocate(size, 16);
+    if (p.has_value() && *p != nullptr && aligned16(*p)) {
+      ptr_ = *p;
+      return;
+    }
+    stats().async_allocs++;
+    if (cudaMallocAsync(&ptr_, size, stream) != cudaSuccess) {
+      (void)cudaGetLastError();  // clear the sticky-free error state of the failed call
+      ptr_ = nullptr;
+    } else {
+      owned_ = true;
+    }
+  }
+  ~TempBuffer() {
+    if (owned_) cudaFreeAsync(ptr_, stream_);
+  }
+  TempBuffer(const TempBuffer&) = delete;
+  TempBuffer& operator=(const TempBuffer&) = delete;
+  void* get() const { return ptr_; }
+  explicit operator bool() const { return ptr_ != nullptr; }
+
+ private:
+  void* ptr_ = nullptr;
+  bool owned_ = false;
+  cudaStream_t stream_;
+};
+
 // ---------------------------------------------------------------------------------------------------------------------
 // Compress
 
@@ -89,34 +123,34 @@ Status check_layout(CompressEntry& e, int dtype, int64_t rows, int64_t cols, cud
   *ok = false;
   if (!jsparse_kernel_applies(e, dtype, rows, cols)) return {};
   const size_t dense_bytes = size_t(rows) * size_t(cols) * 2;
-  auto dense = scratch.Allocate(dense_bytes, 256);
-  auto lib_buf = scratch.Allocate(e.size, 256);
-  auto our_buf = scratch.Allocate(e.size, 256);
-  auto tmp = scratch.Allocate(e.tmp_size > 0 ? e.tmp_size : 1, 256);
-  auto result = scratch.Allocate(2 * sizeof(unsigned long long), 16);
-  if (!dense || !lib_buf || !our_buf || !tmp || !result) {
+  TempBuffer dense_t(scratch, dense_bytes, stream), lib_t(scratch, e.size, stream), our_t(scratch, e.size, stream),
+      tmp_t(scratch, e.tmp_size, stream), result_t(scratch, 2 * sizeof(unsigned long long), stream);
+  void* const dense_p = dense_t.get();
+  void* const lib_p = lib_t.get();
+  void* const our_p = our_t.get();
+  if (!dense_t || !lib_t || !our_t || !tmp_t || !result_t) {
     return "layout check: could not allocate scratch memory for a " + std::to_string(rows) + "x" +
            std::to_string(cols) + " check";
   }
   const int64_t groups = rows * cols / 4;
   const uint32_t seed = uint32_t(rows * 131 + cols * 7 + dtype);
   if (dtype == kBF16) {
-    make_test_24_kernel<__nv_bfloat16><<<(groups + 255) / 256, 256, 0, stream>>>(static_cast<uint16_t*>(*dense),
+    make_test_24_kernel<__nv_bfloat16><<<(groups + 255) / 256, 256, 0, stream>>>(static_cast<uint16_t*>(dense_p),
                                                                               groups, seed);
   } else {
-    make_test_24_kernel<__half><<<(groups + 255) / 256, 256, 0, stream>>>(static_cast<uint16_t*>(*dense), groups,
+    make_test_24_kernel<__half><<<(groups + 255) / 256, 256, 0, stream>>>(static_cast<uint16_t*>(dense_p), groups,
                                                                        seed);
   }
   JSPARSE_CUDA(cudaGetLastError());
-  JSPARSE_CUDA(cudaMemsetAsync(*lib_buf, 0, e.size, stream));
-  JSPARSE_CUDA(cudaMemsetAsync(*our_buf, 0xA5, e.size, stream));  // different fill: an unwritten byte cannot match
-  JSPARSE_CSLT(cusparseLtSpMMACompress2(e.handle, &e.desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, *dense, *lib_buf,
-                                        *tmp, stream));
-  JSPARSE_RETURN_IF_ERROR(sparsify(kActNone, false, dtype, *dense, *our_buf, nullptr, rows, cols, stream));
-  auto* res = static_cast<unsigned long long*>(*result);
+  JSPARSE_CUDA(cudaMemsetAsync(lib_p, 0, e.size, stream));
+  JSPARSE_CUDA(cudaMemsetAsync(our_p, 0xA5, e.size, stream));  // different fill: an unwritten byte cannot match
+  JSPARSE_CSLT(cusparseLtSpMMACompress2(e.handle, &e.desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, dense_p, lib_p,
+                                        tmp_t.get(), stream));
+  JSPARSE_RETURN_IF_ERROR(sparsify(kActNone, false, dtype, dense_p, our_p, nullptr, rows, cols, stream));
+  auto* res = static_cast<unsigned long long*>(result_t.get());
   init_result_kernel<<<1, 1, 0, stream>>>(res, int64_t(e.size));
-  count_mismatch_kernel<<<1024, 256, 0, stream>>>(static_cast<const uint8_t*>(*lib_buf),
-                                                  static_cast<const uint8_t*>(*our_buf), int64_t(e.size), res);
+  count_mismatch_kernel<<<1024, 256, 0, stream>>>(static_cast<const uint8_t*>(lib_p),
+                                                  static_cast<const uint8_t*>(our_p), int64_t(e.size), res);
   JSPARSE_CUDA(cudaGetLastError());
   unsigned long long host[2] = {0, 0};
   JSPARSE_CUDA(cudaMemcpyAsync(host, res, sizeof(host), cudaMemcpyDeviceToHost, stream));
@@ -177,20 +211,21 @@ Status compress(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuf
   }
   stats().compress_library++;
   const void* source = x.untyped_data();
-  if (method == kAuto) {
-    // Keep the op's contract (the same selection as nm_prune / squared_relu_nm) on the fallback: select with the
-    // jsparse kernel into a dense scratch copy, then let the library compress that.
-    auto pruned = scratch.Allocate(size_t(rows) * size_t(cols) * 2, 256);
-    if (!pruned) return "could not allocate scratch memory for the pruned copy";
-    JSPARSE_RETURN_IF_ERROR(sparsify(activation, true, dtype, source, nullptr, *pruned, rows, cols, stream));
-    source = *pruned;
-  } else if (activation != kActNone) {
+  // On the auto fallback keep the op's contract (the selection of nm_prune / squared_relu_nm): select with the
+  // jsparse kernel into a dense temporary copy, then let the library compress that.
+  if (method != kAuto && activation != kActNone) {
     return "method='library' takes an already-2:4 input and no activation";
   }
-  auto tmp = scratch.Allocate(entry->tmp_size > 0 ? entry->tmp_size : 1, 256);
+  TempBuffer pruned(scratch, method == kAuto ? size_t(rows) * size_t(cols) * 2 : 16, stream);
+  if (method == kAuto) {
+    if (!pruned) return "could not allocate memory for the pruned copy";
+    JSPARSE_RETURN_IF_ERROR(sparsify(activation, true, dtype, source, nullptr, pruned.get(), rows, cols, stream));
+    source = pruned.get();
+  }
+  TempBuffer tmp(scratch, entry->tmp_size, stream);
   if (!tmp) return "could not allocate cuSPARSELt's compress buffer";
   JSPARSE_CSLT(cusparseLtSpMMACompress2(entry->handle, &entry->desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, source,
-                                        packed->untyped_data(), *tmp, stream));
+                                        packed->untyped_data(), tmp.get(), stream));
   return {};
 }
 
@@ -234,12 +269,12 @@ Status matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffe
       // Once per shape, outside any graph capture (see the file comment). The search tries every algorithm and
       // split-K setting; its workspace must hold the largest, hence the generous floor.
       const size_t ws = plan->workspace > (size_t(64) << 20) ? plan->workspace : (size_t(64) << 20);
-      auto search_ws = scratch.Allocate(ws, 256);
+      TempBuffer search_ws(scratch, ws, stream);
       if (!search_ws) return "could not allocate the search workspace";
       cudaStream_t streams[1] = {stream};
       JSPARSE_CSLT(cusparseLtMatmulSearch(plan->handle, &plan->plan, &alpha, packed.untyped_data(),
                                           dense.untyped_data(), &beta, out->untyped_data(), out->untyped_data(),
-                                          *search_ws, streams, 1));
+                                          search_ws.get(), streams, 1));
       JSPARSE_RETURN_IF_ERROR(plan->read_choice());
       // Rebuild the plan from the searched selection (as NVIDIA's sample does) so its workspace size is current.
       JSPARSE_CSLT(cusparseLtMatmulAlgSetAttribute(plan->handle, &plan->selection, CUSPARSELT_MATMUL_ALG_CONFIG_ID,
@@ -255,15 +290,11 @@ Status matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffe
       stats().searches++;
     }
   }
-  void* workspace = nullptr;
-  if (plan->workspace > 0) {
-    auto ws = scratch.Allocate(plan->workspace, 256);
-    if (!ws) return "could not allocate the matmul workspace (" + std::to_string(plan->workspace) + " bytes)";
-    workspace = *ws;
-  }
+  TempBuffer workspace(scratch, plan->workspace, stream);
+  if (!workspace) return "could not allocate the matmul workspace (" + std::to_string(plan->workspace) + " bytes)";
   cudaStream_t streams[1] = {stream};
   JSPARSE_CSLT(cusparseLtMatmul(plan->handle, &plan->plan, &alpha, packed.untyped_data(), dense.untyped_data(), &beta,
-                                out->untyped_data(), out->untyped_data(), workspace, streams, 1));
+                                out->untyped_data(), out->untyped_data(), workspace.get(), streams, 1));
   stats().matmuls++;
   return {};
 }
@@ -344,9 +375,10 @@ void jsparse_cslt_stats(int64_t* out, int32_t n) {
     live = int64_t(plans_locked().size());
   }
   Stats& st = stats();
-  const int64_t values[] = {st.plans_built.load(), st.plan_hits.load(), st.plan_evictions.load(),
-                            st.searches.load(), st.layout_checks.load(), st.layout_mismatches.load(),
-                            live, st.compress_jsparse.load(), st.compress_library.load(), st.matmuls.load()};
+  const int64_t values[] = {st.plans_built.load(),      st.plan_hits.load(),        st.plan_evictions.load(),
+                            st.searches.load(),         st.layout_checks.load(),    st.layout_mismatches.load(),
+                            live,                       st.compress_jsparse.load(), st.compress_library.load(),
+                            st.matmuls.load(),          st.async_allocs.load()};
   for (int i = 0; i < n && i < int(sizeof(values) / sizeof(values[0])); ++i) out[i] = values[i];
 }
 

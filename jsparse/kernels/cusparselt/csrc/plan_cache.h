@@ -59,7 +59,7 @@ inline cudaDataType cuda_output_type(int dtype) { return dtype == kE4M3 ? CUDA_R
 
 struct Stats {
   std::atomic<int64_t> plans_built{0}, plan_hits{0}, plan_evictions{0}, searches{0}, layout_checks{0},
-      layout_mismatches{0}, compress_jsparse{0}, compress_library{0}, matmuls{0};
+      layout_mismatches{0}, compress_jsparse{0}, compress_library{0}, matmuls{0}, async_allocs{0};
 };
 
 inline Stats& stats() {
