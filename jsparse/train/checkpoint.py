@@ -133,16 +133,24 @@ class Checkpointer:
                       stacklevel=2)
     for step in self.steps():
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                      meta=ocp.args.JsonRestore()))
-        flat, meta = dict(restored["state"]), dict(restored["meta"])
-        _verify(flat, meta, abstract)
+        return self.restore(step, abstract)
       except Exception as e:  # noqa: BLE001 - any failure means "do not load this one"
         warnings.warn(f"checkpoint: skipping damaged checkpoint at step {step} in {self.directory}: "
                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", stacklevel=2)
-        continue
-      return flat, meta
     return None
+
+  def restore(self, step: int, abstract: dict[str, jax.ShapeDtypeStruct]) -> tuple[dict[str, jax.Array],
+                                                                                  dict[str, Any]]:
+    """Restores checkpoint ``step`` and verifies names, shapes, dtypes and checksums.
+
+    Raises:
+      Exception: whatever orbax raises for an unreadable checkpoint; ValueError when the verification fails.
+    """
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                  meta=ocp.args.JsonRestore()))
+    flat, meta = dict(restored["state"]), dict(restored["meta"])
+    _verify(flat, meta, abstract)
+    return flat, meta
 
   def wait(self) -> None:
     """Blocks until background writes are done."""

@@ -178,26 +178,52 @@ def _loss_and_stats(model, tokens_BxLp1: jax.Array) -> tuple[jax.Array, dict[str
   inputs_BxL, targets_BxL = tokens_BxLp1[:, :-1], tokens_BxLp1[:, 1:]
   logits_BxLxV = model(inputs_BxL)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32), targets_BxL).mean()
-  # Popping the sown statistics inside the trace keeps the state's structure fixed from step to step.
-  stats = models.collect_stats(model)
-  return loss, {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}
+  return loss, pop_stats(model)
 
 
-def train_step(graphdef, state, tokens_BxLp1: jax.Array):
-  """One optimizer step. Pure: ``(state, tokens) -> (state, metrics)``; ``graphdef`` is static.
+def pop_stats(model) -> dict[str, jax.Array]:
+  """Pops the model's sown per-layer statistics as float32 scalars, inside a trace.
+
+  (``models.collect_stats`` does the same eagerly, returning Python floats.) Popping inside the step keeps the
+  state's structure the same from step to step. Keys: ``"layer{i}/{name}"`` (``name`` as sown).
+  """
+  popped = nnx.pop(model, nnx.Intermediate)
+  out: dict[str, jax.Array] = {}
+  for path, leaf in nnx.to_flat_state(popped):
+    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    values = value if isinstance(value, tuple) else (value,)
+    if values:
+      out[_stat_key(tuple(str(p) for p in path))] = jnp.mean(jnp.stack([jnp.asarray(v, jnp.float32)
+                                                                        for v in values]))
+  return out
+
+
+def _stat_key(parts: tuple[str, ...]) -> str:
+  for i, p in enumerate(parts[:-2]):
+    if p == "layers" and parts[i + 1].isdigit():
+      return f"layer{parts[i + 1]}/{parts[-1]}"
+  return "/".join(parts)
+
+
+def train_step(graphdef, state, tokens_BxLp1: jax.Array, lr_fn: optax.Schedule | None = None):
+  """One optimizer step. Pure: ``(state, tokens) -> (state, metrics)``; ``graphdef`` and ``lr_fn`` are static.
 
   Args:
     graphdef: ``nnx.split((model, optimizer))[0]`` (carries the sparse/dense mode).
     state: the matching state.
     tokens_BxLp1: int32 ``[B, L + 1]`` windows (inputs and shifted targets).
+    lr_fn: the learning-rate schedule, to report the rate this step used (optional).
 
   Returns:
-    ``(new_state, {"loss", "grad_norm", <per-layer stats>})``.
+    ``(new_state, {"loss", "grad_norm", ["lr",] <per-layer stats>})``.
   """
   model, optimizer = nnx.merge(graphdef, state)
   (loss, stats), grads = nnx.value_and_grad(_loss_and_stats, has_aux=True)(model, tokens_BxLp1)
+  metrics = {"loss": loss, "grad_norm": schedule_lib.global_norm(grads), **stats}
+  if lr_fn is not None:
+    metrics["lr"] = jnp.asarray(lr_fn(optimizer.step[...]), jnp.float32)
   optimizer.update(model, grads)
-  return nnx.state((model, optimizer)), {"loss": loss, "grad_norm": optax.global_norm(grads), **stats}
+  return nnx.state((model, optimizer)), metrics
 
 
 def eval_step(graphdef, state, tokens_BxLp1: jax.Array) -> jax.Array:
@@ -213,8 +239,9 @@ class StepFunctions:
   ``traces`` counts how often each was traced (the tests assert one per mode).
   """
 
-  def __init__(self, mesh, batch_sharding, donate: bool = True):
+  def __init__(self, mesh, batch_sharding, *, lr_fn: optax.Schedule | None = None, donate: bool = True):
     self.mesh = mesh
+    self.lr_fn = lr_fn
     self.batch_sharding = batch_sharding
     self.donate = donate
     self.traces: dict[tuple[str, bool], int] = {}
@@ -230,7 +257,7 @@ class StepFunctions:
     key = ("train", graphdef)
     if key not in self._cache:
       shardings = sharding_lib.state_shardings(state, self.mesh)
-      fn = self._counted("train", sparse, functools.partial(train_step, graphdef))
+      fn = self._counted("train", sparse, functools.partial(train_step, graphdef, lr_fn=self.lr_fn))
       self._cache[key] = jax.jit(fn, in_shardings=(shardings, self.batch_sharding),
                                  out_shardings=(shardings, sharding_lib.replicated(self.mesh)),
                                  donate_argnums=(0,) if self.donate else ())
@@ -331,7 +358,6 @@ def train(config: TrainConfig) -> TrainResult:
   mesh = sharding_lib.make_mesh(cfg.mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   graphdef, state = init_state(run.model_config, cfg.optim, cfg.steps, cfg.seed, mesh)
-  lr_fn = schedule_lib.learning_rate(cfg.optim, cfg.steps)
   checkpointer = ckpt_lib.Checkpointer(run.checkpoint_dir, keep=cfg.checkpoint.keep,
                                        async_save=cfg.checkpoint.async_save)
 
@@ -345,7 +371,7 @@ def train(config: TrainConfig) -> TrainResult:
     logger.write([{"step": start, "event": "resume"}])
     logger.message(f"jsparse-train: resumed from the checkpoint at step {start} in {run.checkpoint_dir}")
 
-  steps_fns = StepFunctions(mesh, batch_sharding)
+  steps_fns = StepFunctions(mesh, batch_sharding, lr_fn=schedule_lib.learning_rate(cfg.optim, cfg.steps))
   losses: list[float] = []
   val_losses: list[tuple[int, float]] = []
   pending: list[tuple[int, str, dict[str, jax.Array]]] = []
@@ -375,7 +401,7 @@ def train(config: TrainConfig) -> TrainResult:
       save_now = (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == phases.steps
       if not (log_now or eval_now or save_now):
         continue
-      records = _drain(pending, lr_fn)
+      records = _drain(pending)
       losses.extend(r["loss"] for r in records)
       if log_now:
         now = time.perf_counter()
@@ -417,12 +443,12 @@ def _rate(tokens_per_s: float | None) -> str:
   return "-" if tokens_per_s is None else f"{tokens_per_s:,.0f}"
 
 
-def _drain(pending: list, lr_fn) -> list[dict[str, Any]]:
+def _drain(pending: list) -> list[dict[str, Any]]:
   host = jax.device_get([out for _, _, out in pending])
   records = []
   for (step, phase, _), out in zip(pending, host):
-    stats = {k: float(v) for k, v in out.items() if k not in ("loss", "grad_norm")}
-    records.append({"step": step, "phase": phase, "loss": float(out["loss"]), "lr": float(lr_fn(step - 1)),
+    stats = {k: float(v) for k, v in out.items() if k not in ("loss", "grad_norm", "lr")}
+    records.append({"step": step, "phase": phase, "loss": float(out["loss"]), "lr": float(out["lr"]),
                     "grad_norm": float(out["grad_norm"]), "_stats": stats})
   pending.clear()
   return records

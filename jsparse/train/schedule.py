@@ -107,6 +107,14 @@ def learning_rate(optim: OptimizerConfig, steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), after], [warmup])
 
 
+def global_norm(tree) -> jax.Array:
+  """The global L2 norm of a pytree (``optax.tree.norm`` where it exists, else ``optax.global_norm``)."""
+  tree_lib = getattr(optax, "tree", None)
+  if tree_lib is not None and hasattr(tree_lib, "norm"):
+    return tree_lib.norm(tree)
+  return optax.global_norm(tree)
+
+
 def _decay_mask(params):
   # Decay matrices (embeddings, projections) only; norms' scales and biases are left alone, as is customary.
   return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
