@@ -12,7 +12,8 @@ For every (M, K, N), bf16, the 2:4 operand A is M x K (the activation-sparse pro
 * ``copy_gbps`` / ``compress_gbps`` -- bytes moved per second by a same-size elementwise copy and by the compress.
 
 Run on the GPU: ``python -m benchmarks.sparse_matmul --out $OUT/sparse_matmul.json``. Every jsparse GEMM runs with
-``JSPARSE_CUSPARSELT_SEARCH=1`` (set here). One record per shape, plus the fused FFN2 activation path and an fp8 probe.
+the algorithm search of ``$JSPARSE_CUSPARSELT_SEARCH`` (default here: 1, the library's). One record per shape, plus
+the fused FFN2 activation path and an fp8 probe; the JSON is rewritten after every shape.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ import numpy as np
 import jsparse
 from benchmarks import _util
 from jsparse.kernels.cusparselt import library, ops
+from jsparse.kernels.sparse_matmul.api import search_mode
 
+SEARCH = search_mode()
 SHAPES = [(4096, 4096, 4096), (16384, 2048, 8192), (16384, 8192, 2048), (8192, 4096, 14336), (8192, 14336, 4096),
           (8192, 8192, 8192), (32768, 8192, 8192)]
 FFN2_SHAPE = (16384, 8192, 2048)
@@ -109,7 +112,7 @@ def bench_shape(M, K, N, lib) -> dict:
   dense = jax.jit(lambda a, b: a @ b)
   compress = jax.jit(lambda a: ops.compress(a))
   compress_lib = jax.jit(lambda a: ops.compress(a, method="library"))
-  gemm = jax.jit(lambda p, b: ops.matmul(p, b, m=M, k=K, mode=0, search=True))
+  gemm = jax.jit(lambda p, b: ops.matmul(p, b, m=M, k=K, mode=0, search=SEARCH))
   with_compress = jax.jit(lambda a, b: jsparse.sparse_matmul(a, b, implementation="cusparselt"))
   copy = jax.jit(lambda a: -a)
   wc = jsparse.compress_24(w, operand="b", implementation="cusparselt")
@@ -146,7 +149,9 @@ def bench_shape(M, K, N, lib) -> dict:
   r["rel_err_gemm"], r["rel_err_with_compress"], r["rel_err_b"] = err, err_with, err_b
   r["compress_bit_exact_vs_lib"] = same_bytes
   r["layout"] = lib.layout_status(M, K, dtype)
-  r["plan"] = lib.plan_info(M, N, K, 0, dtype, True)
+  r["search"] = SEARCH
+  r["plan"] = lib.plan_info(M, N, K, 0, dtype, SEARCH)
+  r["plan_b"] = lib.plan_info(N, M, K, 1, dtype, SEARCH)
   return r
 
 
@@ -180,13 +185,13 @@ def bench_fp8(lib) -> dict:
       name = f"mode{mode}"
       try:
         if mode == 0:
-          f = jax.jit(lambda p, d: ops.matmul(p, d, m=M, k=K, mode=0, search=True, out_dtype=jnp.bfloat16))
+          f = jax.jit(lambda p, d: ops.matmul(p, d, m=M, k=K, mode=0, search=SEARCH, out_dtype=jnp.bfloat16))
           res = f(packed, b)
           out[f"{name}_rel_err"] = rel_err(res, ref)
           out[f"{name}_ms"] = _util.time_fn(f, packed, b)
         else:
           # out (n, m) = dense (n, k) @ A.T: with dense = b.T (N x K) this is (a @ b).T
-          f = jax.jit(lambda p, d: ops.matmul(p, d, m=M, k=K, mode=1, search=True, out_dtype=jnp.bfloat16))
+          f = jax.jit(lambda p, d: ops.matmul(p, d, m=M, k=K, mode=1, search=SEARCH, out_dtype=jnp.bfloat16))
           res = f(packed, bt)
           out[f"{name}_rel_err"] = rel_err(res.T, ref)
           out[f"{name}_ms"] = _util.time_fn(f, packed, bt)
@@ -206,7 +211,15 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="results JSON path")
   parser.add_argument("--shapes", default="all", help="'all' or a comma list of MxKxN")
   parser.add_argument("--skip-extras", action="store_true", help="skip the FFN2-path and fp8 records")
+  parser.add_argument("--probe", action="store_true", help="run one small searched GEMM and exit (0 = it works)")
   args = parser.parse_args(argv)
+  if args.probe:
+    a = jax.jit(lambda k: exact_24(k, (256, 512), jnp.bfloat16))(jax.random.key(0))
+    b = jnp.ones((512, 128), jnp.bfloat16)
+    out = jax.jit(lambda a, b: jsparse.sparse_matmul(a, b, implementation="cusparselt"))(a, b)
+    err = rel_err(out, a @ b)
+    print(f"probe: search={SEARCH} rel_err={err:.2e}", flush=True)
+    return 0 if err < 1e-2 else 1
   shapes = SHAPES if args.shapes == "all" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
   lib = library.require("benchmarks.sparse_matmul")
   print(f"device={_util.device_name()} cusparselt={lib.version()} jax={jax.__version__} "
@@ -225,6 +238,7 @@ def main(argv=None) -> int:
     records.append(_util.record("sparse_matmul", config=dict(shape=[M, K, N], dtype="bfloat16", sparse="a"),
                                 metric="time", baseline="xla_dense", ours=r["ours_ms"], base=r["dense_ms"], **r))
     rows.append(r)
+    _util.write_results(args.out, records)  # after every shape: a crash later keeps what was measured
   if not args.skip_extras:
     f = bench_ffn2(lib)
     print(f"ffn2: {f}", flush=True)

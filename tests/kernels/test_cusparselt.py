@@ -206,31 +206,12 @@ def test_plan_cache_hit_on_second_call(lib):
   jax.block_until_ready(f(a, b))
   mid = lib.stats()
   assert mid["plans_built"] == before["plans_built"] + 1
-  assert lib.plan_info(m, n, k, 0, jnp.bfloat16, False) is not None
+  assert lib.plan_info(m, n, k, 0, jnp.bfloat16, 0) is not None
   jax.block_until_ready(f(a * 2, b))
   after = lib.stats()
   assert after["plans_built"] == mid["plans_built"]  # no re-init
   assert after["plan_hits"] == mid["plan_hits"] + 1
   assert after["matmuls"] == mid["matmuls"] + 1
-
-
-@pytest.mark.gpu
-def test_search_runs_once_per_shape_and_stays_correct(lib, monkeypatch):
-  monkeypatch.setenv("JSPARSE_CUSPARSELT_SEARCH", "1")
-  m, k, n = 256, 512, 128
-  a, b = _exact_24((m, k), jnp.bfloat16, 2), jnp.asarray(np.random.default_rng(3).standard_normal((k, n)),
-                                                          jnp.bfloat16)
-  f = jax.jit(lambda a, b: jsparse.sparse_matmul(a, b, implementation="cusparselt"))
-  before = lib.stats()["searches"]
-  out1 = f(a, b)
-  out2 = f(a, b)
-  assert lib.stats()["searches"] == before + 1
-  info = lib.plan_info(m, n, k, 0, jnp.bfloat16, True)
-  assert info is not None and info["alg_id"] >= 0
-  expected = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
-  for out in (out1, out2):
-    np.testing.assert_allclose(np.asarray(out, np.float64) / np.abs(expected).max(), expected / np.abs(expected).max(),
-                               atol=1.6e-2)
 
 
 @pytest.mark.gpu
@@ -266,3 +247,23 @@ def test_long_loop_with_changing_shapes_does_not_leak(lib):
 def test_library_version_and_build_cache(lib):
   assert lib.version() >= 800  # 0.8.0+: AlgSelectionDestroy and GetErrorString exist
   assert os.path.basename(lib.path) == build.LIB_NAME and os.path.isfile(lib.path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["timed", "library"])  # last in the file: a library crash loses no other result
+def test_search_runs_once_per_shape_and_stays_correct(lib, monkeypatch, mode):
+  monkeypatch.setenv("JSPARSE_CUSPARSELT_SEARCH", mode)
+  m, k, n = (256, 512, 128) if mode == "library" else (256, 512, 64)
+  a, b = _exact_24((m, k), jnp.bfloat16, 2), jnp.asarray(np.random.default_rng(3).standard_normal((k, n)),
+                                                          jnp.bfloat16)
+  f = jax.jit(lambda a, b: jsparse.sparse_matmul(a, b, implementation="cusparselt"))
+  before = lib.stats()["searches"]
+  out1 = f(a, b)
+  out2 = f(a, b)
+  assert lib.stats()["searches"] == before + 1
+  info = lib.plan_info(m, n, k, 0, jnp.bfloat16, 1 if mode == "library" else 2)
+  assert info is not None and 0 <= info["alg_id"] <= info["alg_max_id"]
+  expected = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+  for out in (out1, out2):
+    np.testing.assert_allclose(np.asarray(out, np.float64) / np.abs(expected).max(), expected / np.abs(expected).max(),
+                               atol=1.6e-2)

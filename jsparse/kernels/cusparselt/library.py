@@ -80,7 +80,7 @@ class Library:
     """``"verified"``, ``"mismatch"`` (the library's compress is used instead) or ``"unchecked"``."""
     return LAYOUT_STATUS[self._lib.jsparse_cslt_layout_status(rows, cols, DTYPE_CODES[jnp.dtype(dtype)])]
 
-  def plan_info(self, m: int, n: int, k: int, mode: int, dtype, search: bool) -> dict[str, int] | None:
+  def plan_info(self, m: int, n: int, k: int, mode: int, dtype, search: int) -> dict[str, int] | None:
     """The cached plan's algorithm choice and workspace, or None if no such plan is cached (on this device)."""
     out = (ctypes.c_int64 * 5)()
     found = self._lib.jsparse_cslt_plan_info(m, n, k, mode, DTYPE_CODES[jnp.dtype(dtype)], int(search), out)

@@ -42,9 +42,13 @@ def compress(x_RxK: jax.Array, activation: str = "none", method: str = "auto") -
   return call(x_RxK, activation=np.int32(ACTIVATIONS[activation]), method=np.int32(METHODS[method]))
 
 
-def matmul(packed: jax.Array, dense: jax.Array, *, m: int, k: int, mode: int, search: bool,
+def matmul(packed: jax.Array, dense: jax.Array, *, m: int, k: int, mode: int, search: int = 0,
            out_dtype=None) -> jax.Array:
-  """The sparse GEMM on a compressed A (``m x k``); see the module docstring for ``mode``."""
+  """The sparse GEMM on a compressed A (``m x k``); see the module docstring for ``mode``.
+
+  ``search``: 0 the library's default algorithm, 1 ``cusparseLtMatmulSearch``, 2 jsparse's timed search -- run once
+  per shape on its first call, the choice kept in the cached plan.
+  """
   if mode == 0:
     kk, n = dense.shape
     out_shape = (m, n)
@@ -56,4 +60,4 @@ def matmul(packed: jax.Array, dense: jax.Array, *, m: int, k: int, mode: int, se
   call = jax.ffi.ffi_call("jsparse_cslt_matmul", jax.ShapeDtypeStruct(out_shape, out_dtype),
                           vmap_method="sequential")
   return call(packed, dense, m=np.int64(m), n=np.int64(n), k=np.int64(k), mode=np.int32(mode),
-              search=np.int32(bool(search)))
+              search=np.int32(int(search)))

@@ -198,8 +198,16 @@ def squared_relu_24_compress(y: jax.Array, *, implementation: str | None = None)
 # The product
 
 
-def _search_enabled() -> bool:
-  return os.environ.get("JSPARSE_CUSPARSELT_SEARCH", "0") == "1"
+SEARCH_MODES = {"0": 0, "": 0, "1": 1, "library": 1, "2": 2, "timed": 2}
+
+
+def search_mode() -> int:
+  """``$JSPARSE_CUSPARSELT_SEARCH`` (read at trace time): 0 off (the library's default algorithm), 1 / ``library``
+  (``cusparseLtMatmulSearch`` once per shape), 2 / ``timed`` (jsparse times every algorithm id once per shape)."""
+  value = os.environ.get("JSPARSE_CUSPARSELT_SEARCH", "0").strip().lower()
+  if value not in SEARCH_MODES:
+    raise ValueError(f"JSPARSE_CUSPARSELT_SEARCH must be one of {sorted(SEARCH_MODES)}, got {value!r}")
+  return SEARCH_MODES[value]
 
 
 def sparse_matmul(a, b, *, sparse_operand: str = "a", implementation: str | None = None) -> jax.Array:
@@ -276,7 +284,7 @@ def sparse_matmul(a, b, *, sparse_operand: str = "a", implementation: str | None
 
   if not isinstance(sparse, Compressed24):
     sparse = compress_24(sparse, operand=sparse_operand, implementation="cusparselt")
-  search = _search_enabled()
+  search = search_mode()
   if sparse_operand == "a":
     out = vjp.sparse_a_matmul(sparse, b_arr, search=search)
   else:

@@ -33,7 +33,7 @@ class _Spec:
   k: int
   n: int
   activation: str
-  search: bool
+  search: int
 
 
 def _dense_and_pullback(source, activation: str, axis: int):
@@ -65,7 +65,7 @@ def _sparse_a_bwd(spec, res, g):
 _sparse_a.defvjp(_sparse_a_fwd, _sparse_a_bwd)
 
 
-def sparse_a_matmul(a: Compressed24, b: jax.Array, *, search: bool) -> jax.Array:
+def sparse_a_matmul(a: Compressed24, b: jax.Array, *, search: int) -> jax.Array:
   """``a @ b`` for a packed ``a`` (rows, K) and dense ``b`` (K, N); returns (rows, N)."""
   k = a.shape[-1]
   rows = a.source.size // k
@@ -101,7 +101,7 @@ def _sparse_b_bwd(spec, res, g):
 _sparse_b.defvjp(_sparse_b_fwd, _sparse_b_bwd)
 
 
-def sparse_b_matmul(x: jax.Array, w: Compressed24, *, search: bool) -> jax.Array:
+def sparse_b_matmul(x: jax.Array, w: Compressed24, *, search: int) -> jax.Array:
   """``x @ w`` for dense ``x`` (rows, K) and a packed ``w`` (K, N); returns (rows, N)."""
   k, n = w.shape
   spec = _Spec(x.shape[0], k, n, "none", search)

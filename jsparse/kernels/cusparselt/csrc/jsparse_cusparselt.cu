@@ -2,8 +2,9 @@
 // exported C functions (sizes, statistics, plan info) read through ctypes.
 //
 // Execute does no per-call setup: plans come from the process-wide cache (plan_cache.h), built on first use of a
-// shape. With search=1 the first call of a shape also runs cusparseLtMatmulSearch (blocking; these handlers do not
-// declare command-buffer compatibility, so XLA never runs them under CUDA-graph capture) and keeps the result.
+// shape. With search=1 the first call of a shape also runs cusparseLtMatmulSearch (search=2: jsparse's own timing loop
+// over the algorithm ids); both block, which is safe because these handlers do not declare command-buffer
+// compatibility, so XLA never runs them under CUDA-graph capture. The choice stays in the cached plan.
 // Workspaces come from XLA's scratch allocator. Every CUDA / cuSPARSELt status is checked and returned as an
 // ffi::Error naming the call.
 #include <cuda_runtime.h>
@@ -237,6 +238,75 @@ ffi::Error CompressImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
 // ---------------------------------------------------------------------------------------------------------------------
 // Matmul
 
+enum Search : int { kSearchNone = 0, kSearchLibrary = 1, kSearchTimed = 2 };
+
+// cusparseLtMatmulSearch as NVIDIA's samples and torch use it: it updates the plan (and the selection) in place;
+// afterwards only the chosen configuration and the workspace size are read back.
+Status library_search(Plan& plan, const void* a, const void* b, void* d, cudaStream_t stream,
+                      ffi::ScratchAllocator& scratch) {
+  const float alpha = 1.0f, beta = 0.0f;
+  TempBuffer ws(scratch, plan.workspace, stream);
+  if (!ws) return "could not allocate the search workspace";
+  cudaStream_t streams[1] = {stream};
+  JSPARSE_CSLT(cusparseLtMatmulSearch(plan.handle, &plan.plan, &alpha, a, b, &beta, d, d, ws.get(), streams, 1));
+  JSPARSE_RETURN_IF_ERROR(plan.read_choice());
+  JSPARSE_CSLT(cusparseLtMatmulGetWorkspace(plan.handle, &plan.plan, &plan.workspace));
+  return {};
+}
+
+// Our own search: every algorithm configuration id with the library's default split-K, timed with CUDA events on
+// the call's stream (median of 3 after a warm-up); the fastest is kept. Slower than the library's search to run but
+// independent of it.
+Status timed_search(Plan& plan, const void* a, const void* b, void* d, cudaStream_t stream,
+                    ffi::ScratchAllocator& scratch) {
+  const float alpha = 1.0f, beta = 0.0f;
+  cudaStream_t streams[1] = {stream};
+  cudaEvent_t ev[4];
+  for (auto& e : ev) JSPARSE_CUDA(cudaEventCreate(&e));
+  struct Events {
+    cudaEvent_t* ev;
+    ~Events() {
+      for (int i = 0; i < 4; ++i) cudaEventDestroy(ev[i]);
+    }
+  } guard{ev};
+  const int max_id = plan.alg_max_id;
+  int best_id = plan.alg_id;
+  float best_ms = 3.4e38f;
+  for (int id = 0; id <= max_id; ++id) {
+    if (cusparseLtMatmulAlgSetAttribute(plan.handle, &plan.selection, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &id,
+                                        sizeof(id)) != CUSPARSE_STATUS_SUCCESS) {
+      continue;
+    }
+    if (!plan.init_plan().empty()) continue;  // a configuration this problem does not support
+    TempBuffer ws(scratch, plan.workspace, stream);
+    if (!ws) continue;
+    float times[3];
+    bool ok = cusparseLtMatmul(plan.handle, &plan.plan, &alpha, a, b, &beta, d, d, ws.get(), streams, 1) ==
+              CUSPARSE_STATUS_SUCCESS;
+    for (int r = 0; ok && r < 3; ++r) {
+      ok = cudaEventRecord(ev[0], stream) == cudaSuccess &&
+           cusparseLtMatmul(plan.handle, &plan.plan, &alpha, a, b, &beta, d, d, ws.get(), streams, 1) ==
+               CUSPARSE_STATUS_SUCCESS &&
+           cudaEventRecord(ev[1], stream) == cudaSuccess && cudaEventSynchronize(ev[1]) == cudaSuccess &&
+           cudaEventElapsedTime(&times[r], ev[0], ev[1]) == cudaSuccess;
+    }
+    if (!ok) {
+      (void)cudaGetLastError();
+      continue;
+    }
+    const float lo = fminf(times[0], fminf(times[1], times[2])), hi = fmaxf(times[0], fmaxf(times[1], times[2]));
+    const float median = times[0] + times[1] + times[2] - lo - hi;
+    if (median < best_ms) {
+      best_ms = median;
+      best_id = id;
+    }
+  }
+  JSPARSE_CUDA(cudaStreamSynchronize(stream));
+  JSPARSE_CSLT(cusparseLtMatmulAlgSetAttribute(plan.handle, &plan.selection, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &best_id,
+                                               sizeof(best_id)));
+  return plan.init_plan();
+}
+
 Status matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer packed, ffi::AnyBuffer dense,
               ffi::Result<ffi::AnyBuffer> out, int64_t m, int64_t n, int64_t k, int32_t mode, int32_t search) {
   const int dtype = dtype_code(dense.element_type());
@@ -255,7 +325,8 @@ Status matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffe
   }
   int device = 0;
   JSPARSE_RETURN_IF_ERROR(current_device(&device));
-  const PlanKey key{device, m, n, k, mode, dtype, search ? 1 : 0};
+  if (search < kSearchNone || search > kSearchTimed) return "search must be 0 (off), 1 (library) or 2 (timed)";
+  const PlanKey key{device, m, n, k, mode, dtype, search};
   const float alpha = 1.0f, beta = 0.0f;
   std::shared_ptr<Plan> plan;
   {
@@ -265,27 +336,13 @@ Status matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffe
       return "the compressed operand has " + std::to_string(packed.size_bytes()) + " bytes, the plan needs " +
              std::to_string(plan->compressed_size);
     }
-    if (key.search && !plan->searched) {
-      // Once per shape, outside any graph capture (see the file comment). The search tries every algorithm and
-      // split-K setting; its workspace must hold the largest, hence the generous floor.
-      const size_t ws = plan->workspace > (size_t(64) << 20) ? plan->workspace : (size_t(64) << 20);
-      TempBuffer search_ws(scratch, ws, stream);
-      if (!search_ws) return "could not allocate the search workspace";
-      cudaStream_t streams[1] = {stream};
-      JSPARSE_CSLT(cusparseLtMatmulSearch(plan->handle, &plan->plan, &alpha, packed.untyped_data(),
-                                          dense.untyped_data(), &beta, out->untyped_data(), out->untyped_data(),
-                                          search_ws.get(), streams, 1));
-      JSPARSE_RETURN_IF_ERROR(plan->read_choice());
-      // Rebuild the plan from the searched selection (as NVIDIA's sample does) so its workspace size is current.
-      JSPARSE_CSLT(cusparseLtMatmulAlgSetAttribute(plan->handle, &plan->selection, CUSPARSELT_MATMUL_ALG_CONFIG_ID,
-                                                   &plan->alg_id, sizeof(plan->alg_id)));
-      JSPARSE_CSLT(cusparseLtMatmulAlgSetAttribute(plan->handle, &plan->selection, CUSPARSELT_MATMUL_SPLIT_K,
-                                                   &plan->split_k, sizeof(plan->split_k)));
-      if (plan->split_k > 1) {
-        JSPARSE_CSLT(cusparseLtMatmulAlgSetAttribute(plan->handle, &plan->selection, CUSPARSELT_MATMUL_SPLIT_K_MODE,
-                                                     &plan->split_k_mode, sizeof(plan->split_k_mode)));
-      }
-      JSPARSE_RETURN_IF_ERROR(plan->init_plan());
+    if (key.search != kSearchNone && !plan->searched) {
+      // Once per shape, outside any graph capture (see the file comment).
+      JSPARSE_RETURN_IF_ERROR(key.search == kSearchLibrary
+                                  ? library_search(*plan, packed.untyped_data(), dense.untyped_data(),
+                                                   out->untyped_data(), stream, scratch)
+                                  : timed_search(*plan, packed.untyped_data(), dense.untyped_data(),
+                                                 out->untyped_data(), stream, scratch));
       plan->searched = true;
       stats().searches++;
     }
@@ -399,7 +456,7 @@ int jsparse_cslt_plan_info(int64_t m, int64_t n, int64_t k, int32_t mode, int32_
   if (!current_device(&device).empty()) return 0;
   std::lock_guard<std::mutex> lock(global_mutex());
   auto& plans = plans_locked();
-  auto it = plans.find({device, m, n, k, mode, dtype, search ? 1 : 0});
+  auto it = plans.find({device, m, n, k, mode, dtype, search});
   if (it == plans.end()) return 0;
   const Plan& p = *it->second;
   out[0] = p.alg_id;
