@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jsparse.kernels import _common as common
+from jsparse.kernels.nm import pallas_pack as nm_pallas_pack
 from jsparse.kernels.nm import reference as nm_ref
 from jsparse.kernels.vnm import api as vnm_api
 from jsparse.kernels.vnm import reference as vnm_ref
@@ -88,26 +89,41 @@ def _first_last_kept(mask_Gx4: jax.Array) -> tuple[jax.Array, jax.Array]:
   return idx0, idx1
 
 
-def pack_24(x: jax.Array, mask: jax.Array | None = None) -> Sparse24:
+def pack_24(x: jax.Array, mask: jax.Array | None = None, *, implementation: str | None = None) -> Sparse24:
   """Packs ``x`` 2:4 along its last axis.
 
   Args:
     x: floating array, last axis a multiple of 4.
     mask: optional bool pattern (exactly 2 True per group of 4) to pack with; defaults to :func:`jsparse.nm_mask`.
       Pass the mask an op returned (e.g. ``squared_relu_nm(..., return_mask=True)``) to pack exactly that pattern.
+    implementation: ``None`` (the Pallas kernel on a GPU, which selects and packs in one pass writing only values and
+      metadata; XLA elsewhere), ``"pallas"`` or ``"xla"``. The kernel needs the last axis a multiple of 8.
 
   Returns:
     :class:`Sparse24`; ``unpack_24(pack_24(x, mask))`` equals ``where(mask, x, 0)`` bit for bit.
+
+  Raises:
+    ValueError: non-floating ``x``, rank 0, last axis not a multiple of 4, ``mask`` not bool or not shaped like
+      ``x``, or ``implementation="pallas"`` where the kernel cannot run.
   """
   op = "pack_24"
   common.check_floating(op, "x", x)
   common.check_rank(op, "x", x, 1)
   common.check_multiple(op, "axis -1", x.shape[-1], 4, "m")
+  if mask is not None:
+    common.check_same_shape(op, ("x", "mask"), x, mask)
+    if jnp.result_type(mask) != jnp.bool_:
+      raise ValueError(f"{op}: mask must be bool, got {jnp.result_type(mask)}")
+  *batch, K = x.shape
+  x_RxK = x.reshape(-1, K)
+  ok, why = nm_pallas_pack.supports_pack_24(x_RxK)
+  impl = common.resolve_implementation(op, implementation, pallas_supports=ok, why_not=why)
+  if impl == "pallas":
+    mask_RxK = None if mask is None else mask.reshape(-1, K)
+    values, meta = nm_pallas_pack.pack_24(x_RxK, mask_RxK, interpret=common.interpret_enabled())
+    return Sparse24(values.reshape(*batch, K // 2), meta.reshape(*batch, K // 8), tuple(x.shape))
   if mask is None:
     mask = nm_ref.nm_mask(x, 2, 4)
-  else:
-    common.check_same_shape(op, ("x", "mask"), x, mask)
-  *batch, K = x.shape
   x_Gx4 = x.reshape(*batch, K // 4, 4)
   idx0, idx1 = _first_last_kept(mask.reshape(*batch, K // 4, 4))
   idx_Gx2 = jnp.stack([idx0, idx1], axis=-1).astype(jnp.int32)

@@ -6,9 +6,12 @@ import jax
 import jax.numpy as jnp
 
 from jsparse.kernels import _common as common
-from jsparse.kernels._gradient import apply_mask, gradient_mode, select_with_gradient, static_partial
+from jsparse.kernels._gradient import apply_mask, gradient_mode, static_partial
 from jsparse.kernels.nm import pallas as nm_pallas
+from jsparse.kernels.nm import pallas_common
+from jsparse.kernels.nm import pallas_transposable
 from jsparse.kernels.nm import reference as ref
+from jsparse.kernels.nm.select import select_with_gradient
 
 
 def _to_rows(x: jax.Array, axis: int) -> tuple[jax.Array, tuple]:
@@ -30,17 +33,25 @@ def _check_nm_input(op: str, x: jax.Array, n: int, m: int, axis: int) -> int:
   return axis
 
 
-def _nm_forward(x: jax.Array, *, n: int, m: int, axis: int, implementation: str | None) -> tuple[jax.Array, jax.Array]:
-  """(pruned x, mask) through the chosen implementation."""
-  x_RxK, moved = _to_rows(x, axis)
+def _nm_impl(op: str, x_RxK: jax.Array, n: int, m: int, implementation: str | None) -> str:
   ok, why = nm_pallas.supports_nm(x_RxK, n, m)
-  impl = common.resolve_implementation("nm_prune", implementation, pallas_supports=ok, why_not=why)
-  if impl == "pallas":
-    y_RxK, mask_RxK = nm_pallas.nm_prune(x_RxK, n, m, interpret=common.interpret_enabled())
+  return common.resolve_implementation(op, implementation, pallas_supports=ok, why_not=why)
+
+
+def _nm_forward(x: jax.Array, need_mask: bool, *, n: int, m: int, axis: int,
+                implementation: str | None) -> tuple[jax.Array, jax.Array | None]:
+  """(pruned x, mask or None) through the chosen implementation; the kernel writes the mask only if needed."""
+  x_RxK, moved = _to_rows(x, axis)
+  if _nm_impl("nm_prune", x_RxK, n, m, implementation) == "pallas":
+    outs = nm_pallas.nm_select(x_RxK, n, m, outputs=("y", "bits") if need_mask else ("y",),
+                               interpret=common.interpret_enabled())
+    y_RxK = outs[0]
+    mask_RxK = pallas_common.expand_bits(outs[1], m) if need_mask else None
   else:
     mask_RxK = ref.nm_mask(x_RxK, n, m)
     y_RxK = jnp.where(mask_RxK, x_RxK, jnp.zeros((), x.dtype))
-  return _from_rows(y_RxK, moved, axis), _from_rows(mask_RxK, moved, axis)
+  mask = _from_rows(mask_RxK, moved, axis) if need_mask else None
+  return _from_rows(y_RxK, moved, axis), mask
 
 
 def nm_mask(x: jax.Array, n: int = 2, m: int = 4, *, axis: int = -1, implementation: str | None = None) -> jax.Array:
@@ -62,7 +73,13 @@ def nm_mask(x: jax.Array, n: int = 2, m: int = 4, *, axis: int = -1, implementat
     ValueError: non-floating dtype, ``n >= m``, or the axis not a multiple of ``m``.
   """
   axis = _check_nm_input("nm_mask", x, n, m, axis)
-  return jax.lax.stop_gradient(_nm_forward(x, n=n, m=m, axis=axis, implementation=implementation)[1])
+  x = jax.lax.stop_gradient(x)
+  x_RxK, moved = _to_rows(x, axis)
+  if _nm_impl("nm_mask", x_RxK, n, m, implementation) == "pallas":
+    (mask_RxK,) = nm_pallas.nm_select(x_RxK, n, m, outputs=("mask",), interpret=common.interpret_enabled())
+  else:
+    mask_RxK = ref.nm_mask(x_RxK, n, m)
+  return _from_rows(mask_RxK, moved, axis)
 
 
 def nm_prune(x: jax.Array, n: int = 2, m: int = 4, *, axis: int = -1, gradient: str = "masked",
@@ -112,17 +129,23 @@ def _check_2d_tiles(op: str, x: jax.Array) -> None:
   common.check_multiple(op, "axis -1", x.shape[-1], 4, "tile")
 
 
-def _transposable_forward(x: jax.Array, *, implementation: str | None) -> tuple[jax.Array, jax.Array]:
+def _transposable_select(x: jax.Array, outputs: tuple[str, ...], implementation: str | None, op: str):
   *batch, R, C = x.shape
   x3 = x.reshape(-1, R, C)
-  ok, why = nm_pallas.supports_transposable(x3)
-  impl = common.resolve_implementation("transposable_24_mask", implementation, pallas_supports=ok, why_not=why)
+  ok, why = pallas_transposable.supports_transposable(x3)
+  impl = common.resolve_implementation(op, implementation, pallas_supports=ok, why_not=why)
   if impl == "pallas":
-    mask = nm_pallas.transposable_24_mask(x3, interpret=common.interpret_enabled())
+    outs = pallas_transposable.transposable_24_select(x3, outputs=outputs, interpret=common.interpret_enabled())
   else:
     mask = ref.transposable_24_mask(x3)
-  mask = mask.reshape(x.shape)
-  return jnp.where(mask, x, jnp.zeros((), x.dtype)), mask
+    outs = tuple(mask if o == "mask" else jnp.where(mask, x3, jnp.zeros((), x.dtype)) for o in outputs)
+  return tuple(o.reshape(x.shape) for o in outs)
+
+
+def _transposable_forward(x: jax.Array, need_mask: bool, *,
+                          implementation: str | None) -> tuple[jax.Array, jax.Array | None]:
+  outs = _transposable_select(x, ("y", "mask") if need_mask else ("y",), implementation, "transposable_24_prune")
+  return outs[0], (outs[1] if need_mask else None)
 
 
 def transposable_24_mask(x: jax.Array, *, implementation: str | None = None) -> jax.Array:
@@ -142,7 +165,8 @@ def transposable_24_mask(x: jax.Array, *, implementation: str | None = None) -> 
     bool array shaped like ``x``; ``mask`` and ``mask.T`` (last two axes) are both 2:4.
   """
   _check_2d_tiles("transposable_24_mask", x)
-  return jax.lax.stop_gradient(_transposable_forward(x, implementation=implementation)[1])
+  x = jax.lax.stop_gradient(x)
+  return _transposable_select(x, ("mask",), implementation, "transposable_24_mask")[0]
 
 
 def transposable_24_prune(x: jax.Array, *, gradient: str = "masked", kept_scale: float | None = None,
@@ -158,16 +182,21 @@ def transposable_24_prune(x: jax.Array, *, gradient: str = "masked", kept_scale:
 # S-STE soft threshold
 
 
-def _soft_threshold_forward(w: jax.Array, *, axis: int, implementation: str | None) -> tuple[jax.Array, jax.Array]:
+def _soft_threshold_forward(w: jax.Array, need_mask: bool, *, axis: int,
+                            implementation: str | None) -> tuple[jax.Array, jax.Array | None]:
   w_RxK, moved = _to_rows(w, axis)
   ok, why = nm_pallas.supports_nm(w_RxK, 2, 4)
   impl = common.resolve_implementation("soft_threshold_24", implementation, pallas_supports=ok, why_not=why)
   if impl == "pallas":
-    s_RxK, mask_RxK = nm_pallas.soft_threshold_24(w_RxK, interpret=common.interpret_enabled())
+    outs = nm_pallas.soft_threshold_24(w_RxK, outputs=("s", "bits") if need_mask else ("s",),
+                                       interpret=common.interpret_enabled())
+    s_RxK = outs[0]
+    mask_RxK = pallas_common.expand_bits(outs[1], 4) if need_mask else None
   else:
     s_RxK = ref.soft_threshold_24(w_RxK)
-    mask_RxK = ref.nm_mask(w_RxK, 2, 4)
-  return _from_rows(s_RxK, moved, axis), _from_rows(mask_RxK, moved, axis)
+    mask_RxK = ref.nm_mask(w_RxK, 2, 4) if need_mask else None
+  mask = _from_rows(mask_RxK, moved, axis) if need_mask else None
+  return _from_rows(s_RxK, moved, axis), mask
 
 
 def soft_threshold_24(w: jax.Array, *, axis: int = -1, gradient: str = "ste", kept_scale: float | None = None,

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 
 from jsparse.kernels import _common as common
-from jsparse.kernels._gradient import gradient_mode, select_with_gradient, static_partial
+from jsparse.kernels._gradient import gradient_mode, static_partial
+from jsparse.kernels.nm import pallas_common
+from jsparse.kernels.nm.select import select_with_gradient
 from jsparse.kernels.vnm import pallas as vnm_pallas
 from jsparse.kernels.vnm import reference as ref
 
@@ -27,13 +29,19 @@ def check_vnm(op: str, x: jax.Array, v: int, n: int, m: int) -> None:
   common.check_multiple(op, "axis 1 (columns)", x.shape[1], m, "m")
 
 
-def _vnm_forward(x: jax.Array, *, v: int, n: int, m: int, implementation: str | None):
+def _vnm_impl(op: str, x: jax.Array, v: int, n: int, m: int, implementation: str | None) -> str:
   ok, why = vnm_pallas.supports_vnm(x, v, n, m)
-  impl = common.resolve_implementation("vnm_prune", implementation, pallas_supports=ok, why_not=why)
-  if impl == "pallas":
-    return vnm_pallas.vnm_prune(x, v, n, m, interpret=common.interpret_enabled())
+  return common.resolve_implementation(op, implementation, pallas_supports=ok, why_not=why)
+
+
+def _vnm_forward(x: jax.Array, need_mask: bool, *, v: int, n: int, m: int,
+                 implementation: str | None) -> tuple[jax.Array, jax.Array | None]:
+  if _vnm_impl("vnm_prune", x, v, n, m, implementation) == "pallas":
+    outs = vnm_pallas.vnm_select(x, v, n, m, outputs=("y", "bits") if need_mask else ("y",),
+                                 interpret=common.interpret_enabled())
+    return outs[0], (pallas_common.expand_bits(outs[1], m) if need_mask else None)
   mask = ref.vnm_mask(x, v, n, m)
-  return jnp.where(mask, x, jnp.zeros((), x.dtype)), mask
+  return jnp.where(mask, x, jnp.zeros((), x.dtype)), (mask if need_mask else None)
 
 
 def vnm_mask(x: jax.Array, v: int = 64, n: int = 2, m: int = 8, *, implementation: str | None = None) -> jax.Array:
@@ -52,7 +60,10 @@ def vnm_mask(x: jax.Array, v: int = 64, n: int = 2, m: int = 8, *, implementatio
     ValueError: bad rank/dtype, ``v``/``n``/``m`` out of range, or shapes not multiples of ``v``/``m``.
   """
   check_vnm("vnm_mask", x, v, n, m)
-  return jax.lax.stop_gradient(_vnm_forward(x, v=v, n=n, m=m, implementation=implementation)[1])
+  x = jax.lax.stop_gradient(x)
+  if _vnm_impl("vnm_mask", x, v, n, m, implementation) == "pallas":
+    return vnm_pallas.vnm_select(x, v, n, m, outputs=("mask",), interpret=common.interpret_enabled())[0]
+  return ref.vnm_mask(x, v, n, m)
 
 
 def vnm_prune(x: jax.Array, v: int = 64, n: int = 2, m: int = 8, *, gradient: str = "masked",

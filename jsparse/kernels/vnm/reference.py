@@ -3,6 +3,10 @@
 Blocks are ``v`` consecutive rows x ``m`` consecutive columns. In each block the 4 columns with the largest summed
 |x| (float32, NaN as +inf; ties to the lower column) are selected; inside them every row keeps its ``n`` largest-|x|
 (ties to the lower column). Density is n/m.
+
+The column sums are added in a fixed order (:func:`halving_sum`: the top half of the rows plus the bottom half,
+repeated), not by a ``reduce`` whose order the compiler picks, so that the Pallas kernel, which does the same
+additions, reproduces every selection bit for bit -- also where two columns' sums differ only in the last bit.
 """
 
 from __future__ import annotations
@@ -16,11 +20,21 @@ from jsparse.kernels.nm.reference import rank_in_groups
 SELECTED_COLUMNS = 4  # Venom's m_fixed: the 2:4 sparse tensor-core operand is 4 columns wide.
 
 
+def halving_sum(a: jax.Array, axis: int) -> jax.Array:
+  """Sum over ``axis`` in a fixed order: ``a[:h] + a[h:2h]`` (h = size // 2; an odd last row is carried along),
+  repeated until one row is left. Each step is plain elementwise adds, so no compiler reorders them."""
+  a = jnp.moveaxis(a, axis, 0)
+  while a.shape[0] > 1:
+    h = a.shape[0] // 2
+    a = jnp.concatenate([a[:h] + a[h:2 * h], a[2 * h:]], axis=0) if a.shape[0] % 2 else a[:h] + a[h:]
+  return a[0]
+
+
 def vnm_columns(x: jax.Array, v: int, m: int) -> jax.Array:
   """Bool (R/v, C/m, m): which columns of each v x m block are selected."""
   R, C = x.shape
   key = magnitude_key(x).reshape(R // v, v, C // m, m)
-  col_score = jnp.sum(key, axis=1)  # (R/v, C/m, m); inf if any NaN in the column
+  col_score = halving_sum(key, axis=1)  # (R/v, C/m, m); inf if any NaN in the column
   return rank_in_groups(col_score) < SELECTED_COLUMNS
 
 
