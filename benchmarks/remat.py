@@ -1,0 +1,382 @@
+"""Compressed remat of the squared-ReLU FFN activation: memory, saved bytes and fwd+bwd time per policy (one process).
+
+Run on the GPU (``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so ``peak_bytes_in_use`` is what was really used):
+
+  XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD python3 benchmarks/remat.py --out $OUT/remat.json
+
+How the activations are driven to a density: the last input feature is a constant 1 and the last row of ``w1`` a
+bias ``-Phi^-1(zeros)``; the other features are N(0, 1) and ``w1`` N(0, 1/(D-1)), so every pre-activation is about
+N(-Phi^-1(zeros), 1) and ``relu`` zeroes the requested fraction (a learned negative bias is how squared-ReLU FFNs get
+there in training). The measured density is recorded.
+
+Sections (all by default): ``kernels`` (pack/unpack bandwidth vs an XLA copy, block-size sweep), ``ffn`` (each
+policy at the two issue shapes and two sparsities), ``max_batch`` (largest token batch of an 8-layer FFN stack that
+fits, save-dense vs compressed), ``residuals`` (``print_saved_residuals`` of each policy at a toy size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import io
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jsparse
+from benchmarks import _util
+from jsparse import remat
+from jsparse.kernels.compress import format as fmt
+from jsparse.kernels.compress import pallas as kernels
+
+SHAPES = [(16384, 2048, 8192), (16384, 4096, 14336)]
+ZEROS = [0.85, 0.95]
+POLICIES = ["xla_autodiff", "save_dense", "compressed", "offload", "recompute"]
+CAPACITY_MARGIN = 1.1  # capacity = 1.1 x the expected density
+BENCH = "remat"
+_INTERPRET = jax.default_backend() != "gpu"  # --quick on a CPU runs the kernels in interpret mode
+
+
+def _ppf(q: float) -> float:
+  return statistics.NormalDist().inv_cdf(q)
+
+
+def make_inputs(T, D, F, zeros, dtype=jnp.bfloat16, seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(k1, (T, D), dtype).at[:, -1].set(1)
+  w1 = (jax.random.normal(k2, (D, F), jnp.float32) / np.sqrt(D - 1)).at[-1].set(-_ppf(zeros)).astype(dtype)
+  w2 = (jax.random.normal(k3, (F, D), jnp.float32) / np.sqrt(F)).astype(dtype)
+  return x, w1, w2
+
+
+def ffn_fn(policy: str, capacity: float):
+  if policy == "xla_autodiff":  # what a JAX user writes today: plain autodiff, no checkpoint
+    return lambda x, w1, w2: jnp.square(jax.nn.relu(x @ w1)) @ w2
+  return functools.partial(jsparse.squared_relu_ffn, remat=policy, capacity=capacity)
+
+
+def loss_fn(policy, capacity):
+  f = ffn_fn(policy, capacity)
+  return lambda x, w1, w2: jnp.sum(f(x, w1, w2).astype(jnp.float32))
+
+
+def _time(fn, *args, iters=5, rounds=3):
+  return _util.time_fn(fn, *args, warmup=2, iters=iters, rounds=rounds)
+
+
+def _static_peak(ma) -> int:
+  """XLA's own estimate of an executable's device footprint (buffer assignment): the larger of its peak and
+  arguments + outputs + temporaries - aliased (CPU reports a peak without temporaries)."""
+  total = ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+  return int(max(getattr(ma, "peak_memory_in_bytes", 0) or 0, total))
+
+
+def _mem():
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use", 0), stats.get("bytes_in_use", 0), stats.get("bytes_limit", 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# kernels
+
+
+def bench_kernels(T, F, zeros_list, sweep: bool):
+  records, rows = [], []
+  n = T * F
+  copy = jax.jit(lambda a: -a)
+  relu_sq = jax.jit(lambda a: jnp.square(jax.nn.relu(a)))
+  square = jax.jit(lambda a: jnp.square(a))
+  for zeros in zeros_list:
+    y = jax.random.normal(jax.random.key(1), (T, F), jnp.bfloat16) - _ppf(zeros)
+    density = 1.0 - zeros
+    cap = fmt.capacity_elements("bench", (T, F), min(1.0, density * CAPACITY_MARGIN))
+    counts = jax.jit(lambda a: kernels.count(a, relu=True, interpret=_INTERPRET))(y)
+    nnz = int(jnp.sum(counts))
+    offsets = fmt.saturating_exclusive_cumsum(counts, cap)
+    t_copy = _time(copy, y)
+    gb_copy = 2 * n * 2 / t_copy / 1e6
+    cfg = dict(shape=[T, F], dtype="bfloat16", zeros=zeros, density=nnz / n, capacity=cap / n)
+
+    def add(name, t, nbytes, baseline="xla_copy", **extra):
+      gbps = nbytes / t / 1e6
+      rows.append(dict(kernel=name, zeros=zeros, ms=t, gbps=gbps, of_copy=gbps / gb_copy, **extra))
+      records.append(_util.record(BENCH, config=dict(cfg, kernel=name, **extra), metric="gbps", baseline=baseline,
+                                  ours=gbps, base=gb_copy, ms=t, copy_ms=t_copy, bytes=nbytes))
+
+    values_bytes = nnz * 2
+    bits_bytes = n // 8
+    configs = [(None, None, 4)]
+    if sweep and zeros == zeros_list[0]:  # block-size sweep at the first sparsity only (compile time)
+      configs += [(16, 1024, 8), (4, 1024, 4), (8, 512, 4), (4, 2048, 8)]
+    for br, bc, nw in configs:
+      kw = dict(block_rows=br, block_cols=bc, num_warps=nw, interpret=_INTERPRET)
+      tag = dict(blocks=f"{br or kernels.default_blocks((T, F))[0]}x{bc or kernels.default_blocks((T, F))[1]}",
+                 warps=nw)
+      try:
+        f_count = jax.jit(lambda a, kw=kw: kernels.count(a, relu=True, **kw))
+        add("count", _time(f_count, y), n * 2, **tag)
+        f_pack = jax.jit(lambda a, o, kw=kw: kernels.pack(a, o, cap, relu=True, square_out=True, **kw))
+        bits, values, h = f_pack(y, offsets)
+        add("pack_relu_square", _time(f_pack, y, offsets), n * 2 + n * 2 + bits_bytes + values_bytes, **tag)
+        f_unpack = jax.jit(lambda b, o, v, kw=kw: kernels.unpack(b, o, v, (T, F), square_out=True, **kw))
+        add("unpack_square", _time(f_unpack, bits, offsets, values), bits_bytes + values_bytes + 2 * n * 2, **tag)
+        f_unpack1 = jax.jit(lambda b, o, v, kw=kw: kernels.unpack(b, o, v, (T, F), square_out=False, **kw))
+        add("unpack", _time(f_unpack1, bits, offsets, values), bits_bytes + values_bytes + n * 2, **tag)
+        del bits, values, h
+      except Exception as e:  # a block config that does not compile is reported, not fatal
+        print(f"kernel config {tag} failed: {type(e).__name__}: {str(e)[:300]}")
+    # End to end, against the XLA passes they replace in the FFN (forward relu^2; backward r^2).
+    e2e_pack = jax.jit(lambda a: jsparse.pack_bitmask(a, cap, relu=True, return_square=True))
+    packed, _ = e2e_pack(y)
+    t_pack, t_relu = _time(e2e_pack, y), _time(relu_sq, y)
+    records.append(_util.record(BENCH, config=dict(cfg, kernel="pack_bitmask(relu, square) end to end"),
+                                metric="time", baseline="xla_relu_square", ours=t_pack, base=t_relu))
+    rows.append(dict(kernel="e2e pack vs xla relu^2", zeros=zeros, ms=t_pack, base_ms=t_relu))
+    e2e_unpack = jax.jit(lambda p: jsparse.unpack_bitmask(p, return_square=True))
+    r = relu_sq(y)
+    t_unpack, t_sq = _time(e2e_unpack, packed), _time(square, r)
+    records.append(_util.record(BENCH, config=dict(cfg, kernel="unpack_bitmask(square) end to end"),
+                                metric="time", baseline="xla_square", ours=t_unpack, base=t_sq))
+    rows.append(dict(kernel="e2e unpack vs xla r^2", zeros=zeros, ms=t_unpack, base_ms=t_sq))
+    xla_pack = jax.jit(lambda a: jsparse.pack_bitmask(a, cap, relu=True, return_square=True, implementation="xla"))
+    try:
+      t_xla = _time(xla_pack, y, iters=2, rounds=2)
+      records.append(_util.record(BENCH, config=dict(cfg, kernel="pack_bitmask(relu, square)"), metric="time",
+                                  baseline="xla_reference_pack", ours=t_pack, base=t_xla))
+      rows.append(dict(kernel="e2e pack vs xla reference pack", zeros=zeros, ms=t_pack, base_ms=t_xla))
+    except Exception as e:
+      print(f"xla reference pack failed: {e!r}"[:300])
+    del y, packed, r
+    gc.collect()
+  _util.print_table(rows, ["kernel", "zeros", "blocks", "warps", "ms", "base_ms", "gbps", "of_copy"])
+  return records
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FFN policies
+
+
+def bench_ffn(shapes, zeros_list, policies):
+  records, rows = [], []
+  configs = []
+  for (T, D, F) in shapes:
+    for zeros in zeros_list:
+      capacity = min(1.0, (1.0 - zeros) * CAPACITY_MARGIN)
+      for policy in policies:
+        configs.append(dict(T=T, D=D, F=F, zeros=zeros, policy=policy, capacity=capacity))
+  # Compile everything first (static peak from XLA's buffer assignment), then measure the process peak in ascending
+  # order of the static peak: peak_bytes_in_use only grows, so each reading is that config's own peak unless it is
+  # no larger than an earlier one (then it is marked masked and the static number stands).
+  for c in configs:
+    args = jax.eval_shape(lambda: make_inputs(c["T"], c["D"], c["F"], c["zeros"]))
+    grad = jax.jit(jax.grad(loss_fn(c["policy"], c["capacity"]), argnums=(0, 1, 2)))
+    try:
+      compiled = grad.lower(*args).compile()
+      ma = compiled.memory_analysis()
+      c["static_peak"] = _static_peak(ma)
+      c["compiled"] = compiled
+      c["saved_bytes"] = remat.residual_bytes(loss_fn(c["policy"], c["capacity"]), *args)
+    except Exception as e:
+      c["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+      print(f"compile failed {c['policy']} {c['T'], c['D'], c['F']}: {c['error']}")
+  last = -1
+  for c in sorted((c for c in configs if "compiled" in c), key=lambda c: c["static_peak"]):
+    args = make_inputs(c["T"], c["D"], c["F"], c["zeros"])
+    try:
+      jax.block_until_ready(c["compiled"](*args))
+      peak = _mem()[0]
+      c["peak"] = peak if peak > last else None
+      last = max(last, peak)
+    except Exception as e:
+      c["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+      print(f"run failed {c['policy']}: {c['error']}")
+    del args
+    gc.collect()
+  # Timings, one group of inputs at a time.
+  for (T, D, F) in shapes:
+    for zeros in zeros_list:
+      group = [c for c in configs if (c["T"], c["D"], c["F"], c["zeros"]) == (T, D, F, zeros) and "compiled" in c
+               and "error" not in c]
+      args = make_inputs(T, D, F, zeros)
+      capacity = min(1.0, (1.0 - zeros) * CAPACITY_MARGIN)
+      _, stats = jax.jit(lambda *a: jsparse.squared_relu_ffn(*a, remat="compressed", capacity=capacity,
+                                                             return_stats=True))(*args)
+      density, dropped = float(stats["density"]), float(stats["dropped_fraction"])
+      for c in group:
+        c["ms"] = _time(c["compiled"], *args)
+        c["density"], c["dropped"] = density, dropped
+      del args
+      gc.collect()
+      by = {c["policy"]: c for c in group}
+      for c in group:
+        cfg = dict(shape=[T, D, F], dtype="bfloat16", zeros=zeros, policy=c["policy"], capacity=c["capacity"])
+        extra = dict(density=density, dropped_fraction=dropped)
+        for base_name in ("save_dense", "recompute", "xla_autodiff"):
+          b = by.get(base_name)
+          if b is None or b is c:
+            continue
+          records.append(_util.record(BENCH, config=cfg, metric="time", baseline=base_name, ours=c["ms"],
+                                      base=b["ms"], **extra))
+          if base_name != "recompute":
+            if c["saved_bytes"]:
+              records.append(_util.record(BENCH, config=cfg, metric="saved_bytes", baseline=base_name,
+                                          ours=c["saved_bytes"], base=b["saved_bytes"], **extra))
+            ours_peak = c["peak"] if c.get("peak") else c["static_peak"]
+            base_peak = b["peak"] if b.get("peak") else b["static_peak"]
+            if ours_peak and base_peak:
+              records.append(_util.record(BENCH, config=cfg, metric="peak_bytes", baseline=base_name, ours=ours_peak,
+                                          base=base_peak, peak_source="peak_bytes_in_use" if c.get("peak") and
+                                          b.get("peak") else "xla_static_peak", static_ours=c["static_peak"],
+                                          static_base=b["static_peak"], **extra))
+        rows.append(dict(shape=f"{T}x{D}x{F}", zeros=zeros, policy=c["policy"], ms=c["ms"],
+                         vs_dense=by["save_dense"]["ms"] / c["ms"] if "save_dense" in by else None,
+                         vs_recompute=by["recompute"]["ms"] / c["ms"] if "recompute" in by else None,
+                         saved_MB=c["saved_bytes"] / 2**20,
+                         saved_x=(by["save_dense"]["saved_bytes"] / c["saved_bytes"]) if c["saved_bytes"] else None,
+                         peak_MB=(c.get("peak") or 0) / 2**20, static_MB=c["static_peak"] / 2**20,
+                         density=density, dropped=dropped))
+  _util.print_table(rows, ["shape", "zeros", "policy", "ms", "vs_dense", "vs_recompute", "saved_MB", "saved_x",
+                           "peak_MB", "static_MB", "density", "dropped"])
+  return records
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Largest token batch of an L-layer FFN stack
+
+
+def stack_loss(policy, capacity, layers):
+  def loss(x, w1s, w2s):
+    def layer(x, w):
+      w1, w2 = w
+      if policy == "xla_autodiff":
+        return x + jnp.square(jax.nn.relu(x @ w1)) @ w2, None
+      # Each layer checkpointed with the policy: what survives to the backward pass is the layer input plus the
+      # policy's residual.
+      f = jax.checkpoint(lambda x, w1, w2: x + jsparse.squared_relu_ffn(x, w1, w2, remat=policy, capacity=capacity),
+                         policy=jsparse.remat_policy(policy))
+      return f(x, w1, w2), None
+    x, _ = jax.lax.scan(layer, x, (w1s, w2s))
+    return jnp.sum(x.astype(jnp.float32))
+  return loss
+
+
+def bench_max_batch(D, F, zeros, layers, policies, probe=(32768, 65536), step=8192):
+  records, rows = [], []
+  limit = _mem()[2]
+  if not limit:
+    print("max_batch: this device reports no memory limit; skipped")
+    return []
+  capacity = min(1.0, (1.0 - zeros) * CAPACITY_MARGIN)
+  results = {}
+  for policy in policies:
+    grad = jax.jit(jax.grad(stack_loss(policy, capacity, layers), argnums=(0, 1, 2)))
+
+    def shapes(T):
+      return (jax.ShapeDtypeStruct((T, D), jnp.bfloat16), jax.ShapeDtypeStruct((layers, D, F), jnp.bfloat16),
+              jax.ShapeDtypeStruct((layers, F, D), jnp.bfloat16))
+
+    peaks = []
+    for T in probe:
+      ma = grad.lower(*shapes(T)).compile().memory_analysis()
+      peaks.append(_static_peak(ma))
+    per_token = (peaks[1] - peaks[0]) / (probe[1] - probe[0])
+    fixed = peaks[0] - per_token * probe[0]
+    predicted = int((limit * 0.97 - fixed) / per_token) // step * step
+    fits = None
+    for T in (predicted, predicted - step, predicted - 2 * step):
+      if T <= 0:
+        break
+      try:
+        x = jax.random.normal(jax.random.key(0), (T, D), jnp.bfloat16).at[:, -1].set(1)
+        w1 = (jax.random.normal(jax.random.key(1), (layers, D, F), jnp.bfloat16) / float(np.sqrt(D))).at[:, -1].set(
+            -_ppf(zeros))
+        w2 = jax.random.normal(jax.random.key(2), (layers, F, D), jnp.bfloat16) / float(np.sqrt(F) * 4)
+        jax.block_until_ready(grad(x, w1, w2))
+        fits = T
+        del x, w1, w2
+        gc.collect()
+        break
+      except Exception as e:
+        print(f"max_batch {policy} T={T}: {type(e).__name__} {str(e)[:160]}")
+        gc.collect()
+    results[policy] = fits
+    rows.append(dict(policy=policy, per_token_KB=per_token / 1024, fixed_MB=fixed / 2**20, predicted=predicted,
+                     fits=fits))
+  _util.print_table(rows, ["policy", "per_token_KB", "fixed_MB", "predicted", "fits"])
+  base = results.get("save_dense")
+  for policy, fits in results.items():
+    if policy == "save_dense" or not fits or not base:
+      continue
+    rec = _util.record(BENCH, config=dict(shape=["T", D, F], layers=layers, dtype="bfloat16", zeros=zeros,
+                                          policy=policy, capacity=capacity), metric="max_tokens",
+                       baseline="save_dense", ours=fits, base=base)
+    rec["ratio"] = fits / base  # more tokens is better
+    records.append(rec)
+  return records
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def print_residuals():
+  x = jnp.ones((256, 64), jnp.float32)
+  w1 = jnp.ones((64, 512), jnp.float32)
+  w2 = jnp.ones((512, 64), jnp.float32)
+  for policy in remat.REMAT_POLICIES:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+      jax.ad_checkpoint.print_saved_residuals(
+          lambda x, w1, w2: jnp.sum(jsparse.squared_relu_ffn(x, w1, w2, remat=policy)), x, w1, w2)
+    print(f"== remat={policy!r}")
+    print(buf.getvalue().rstrip())
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", required=False, help="results JSON path")
+  p.add_argument("--sections", default="kernels,ffn,max_batch,residuals")
+  p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test of the script)")
+  p.add_argument("--no-sweep", action="store_true")
+  p.add_argument("--layers", type=int, default=8)
+  args = p.parse_args(argv)
+  if _INTERPRET:
+    jsparse.kernels._common._state.interpret = True  # the CPU smoke run: Pallas in interpret mode
+  sections = set(args.sections.split(","))
+  print(f"device: {_util.device_name()}  jax {jax.__version__}")
+  records = []
+  t0 = time.time()
+  if args.quick:
+    shapes, kshape, probe, step = [(256, 64, 512)], (256, 512), (256, 512), 256
+  else:
+    shapes, kshape, probe, step = SHAPES, (16384, 8192), (32768, 65536), 8192
+
+  def run(name, fn):
+    if name not in sections:
+      return
+    t = time.time()
+    try:
+      records.extend(fn())
+    except Exception:  # keep the other sections' numbers
+      traceback.print_exc()
+    print(f"[{name}: {time.time() - t:.1f}s]", flush=True)
+    if args.out:
+      _util.write_results(args.out, records)
+
+  run("residuals", lambda: (print_residuals(), [])[1])
+  run("kernels", lambda: bench_kernels(*kshape, ZEROS, sweep=not args.no_sweep))
+  run("ffn", lambda: bench_ffn(shapes, ZEROS, POLICIES))
+  run("max_batch", lambda: bench_max_batch(shapes[0][1], shapes[0][2], 0.85, args.layers,
+                                           ["save_dense", "compressed"], probe=probe, step=step))
+  print(f"total {time.time() - t0:.1f}s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
