@@ -34,6 +34,7 @@ import numpy as np
 import jsparse
 from benchmarks import _util
 from jsparse.kernels.cusparselt import library, ops
+from jsparse.kernels.sparse_matmul import vjp
 from jsparse.kernels.sparse_matmul.api import search_mode
 
 SEARCH = search_mode()
@@ -112,28 +113,45 @@ def bench_shape(M, K, N, lib) -> dict:
   dense = jax.jit(lambda a, b: a @ b)
   compress = jax.jit(lambda a: ops.compress(a))
   compress_lib = jax.jit(lambda a: ops.compress(a, method="library"))
-  gemm = jax.jit(lambda p, b: ops.matmul(p, b, m=M, k=K, mode=0, search=SEARCH))
+  ca = jsparse.compress_24(a, implementation="cusparselt")
+  gemm = jax.jit(lambda c, b: jsparse.sparse_matmul(c, b, implementation="cusparselt"))  # what a user calls
   with_compress = jax.jit(lambda a, b: jsparse.sparse_matmul(a, b, implementation="cusparselt"))
   copy = jax.jit(lambda a: -a)
   wc = jsparse.compress_24(w, operand="b", implementation="cusparselt")
   gemm_b = jax.jit(lambda x, c: jsparse.sparse_matmul(x, c, sparse_operand="b", implementation="cusparselt"))
+  bt = jax.jit(lambda b: b.T)(b)
+
+  raw_fns = {}
+
+  def raw(mode, search):  # the cuSPARSELt call alone, operands already in the mode's layout
+    if (mode, search) not in raw_fns:
+      raw_fns[mode, search] = jax.jit(lambda p, d: ops.matmul(p, d, m=M, k=K, mode=mode, search=search))
+    return raw_fns[mode, search]
 
   packed = jax.block_until_ready(compress(a))
   packed_lib = jax.block_until_ready(compress_lib(a))
   same_bytes = bool(np.array_equal(np.asarray(packed), np.asarray(packed_lib)))
   ref = dense(a, b)
-  err = rel_err(gemm(packed, b), ref)
+  err = rel_err(gemm(ca, b), ref)
   err_with = rel_err(with_compress(a, b), ref)
   err_b = rel_err(gemm_b(x, wc), dense(x, w))
+  mode_errs = {}
+  for mode in range(4):
+    out = raw(mode, SEARCH)(packed, bt if mode & 1 else b)
+    mode_errs[mode] = rel_err(out.T if mode & 2 else out, ref)
 
   r = dict(M=M, K=K, N=N, dtype="bfloat16")
   r["dense_ms"] = _util.time_fn(dense, a, b)
-  r["ours_ms"] = _util.time_fn(gemm, packed, b)
+  r["ours_ms"] = _util.time_fn(gemm, ca, b)
   r["ours_compress_ms"] = _util.time_fn(compress, a)
   r["ours_with_compress_ms"] = _util.time_fn(with_compress, a, b)
   r["lib_compress_ms"] = _util.time_fn(compress_lib, a, iters=5, rounds=3)
   r["ours_b_ms"] = _util.time_fn(gemm_b, x, wc)
   r["copy_ms"] = _util.time_fn(copy, a)
+  for mode in range(4):
+    r[f"ours_mode{mode}_ms"] = _util.time_fn(raw(mode, SEARCH), packed, bt if mode & 1 else b)
+    r[f"rel_err_mode{mode}"] = mode_errs[mode]
+  r["ours_timed_search_ms"] = _util.time_fn(raw(vjp.SPARSE_A_MODE, 2), packed, bt if vjp.SPARSE_A_MODE & 1 else b)
   del packed_lib
   torch_ms, torch_dense_ms, torch_note = torch_time(M, K, N)
   r.update(torch_ms=torch_ms, torch_dense_ms=torch_dense_ms, torch_note=torch_note)
@@ -150,8 +168,10 @@ def bench_shape(M, K, N, lib) -> dict:
   r["compress_bit_exact_vs_lib"] = same_bytes
   r["layout"] = lib.layout_status(M, K, dtype)
   r["search"] = SEARCH
-  r["plan"] = lib.plan_info(M, N, K, 0, dtype, SEARCH)
-  r["plan_b"] = lib.plan_info(N, M, K, 1, dtype, SEARCH)
+  r["sparse_a_mode"] = vjp.SPARSE_A_MODE
+  r["plans"] = {mode: lib.plan_info(M, N, K, mode, dtype, SEARCH) for mode in range(4)}
+  r["plan_timed"] = lib.plan_info(M, N, K, vjp.SPARSE_A_MODE, dtype, 2)
+  r["plan_b"] = lib.plan_info(N, M, K, 3, dtype, SEARCH)
   return r
 
 
@@ -181,20 +201,15 @@ def bench_fp8(lib) -> dict:
     packed = jax.jit(lambda a: ops.compress(a, method="library"))(a)
     dense8 = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.bfloat16))
     ref = dense8(a, b)
-    for mode, operand in ((0, b), (1, None)):
+    for mode in (0, 1, 3):
       name = f"mode{mode}"
       try:
-        if mode == 0:
-          f = jax.jit(lambda p, d: ops.matmul(p, d, m=M, k=K, mode=0, search=SEARCH, out_dtype=jnp.bfloat16))
-          res = f(packed, b)
-          out[f"{name}_rel_err"] = rel_err(res, ref)
-          out[f"{name}_ms"] = _util.time_fn(f, packed, b)
-        else:
-          # out (n, m) = dense (n, k) @ A.T: with dense = b.T (N x K) this is (a @ b).T
-          f = jax.jit(lambda p, d: ops.matmul(p, d, m=M, k=K, mode=1, search=SEARCH, out_dtype=jnp.bfloat16))
-          res = f(packed, bt)
-          out[f"{name}_rel_err"] = rel_err(res.T, ref)
-          out[f"{name}_ms"] = _util.time_fn(f, packed, bt)
+        f = jax.jit(lambda p, d, mode=mode: ops.matmul(p, d, m=M, k=K, mode=mode, search=SEARCH,
+                                                          out_dtype=jnp.bfloat16))
+        d = bt if mode & 1 else b
+        res = f(packed, d)
+        out[f"{name}_rel_err"] = rel_err(res.T if mode & 2 else res, ref)
+        out[f"{name}_ms"] = _util.time_fn(f, packed, d)
       except Exception as e:
         out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     try:
@@ -217,7 +232,8 @@ def main(argv=None) -> int:
     a = jax.jit(lambda k: exact_24(k, (256, 512), jnp.bfloat16))(jax.random.key(0))
     b = jnp.ones((512, 128), jnp.bfloat16)
     out = jax.jit(lambda a, b: jsparse.sparse_matmul(a, b, implementation="cusparselt"))(a, b)
-    err = rel_err(out, a @ b)
+    out_b = jax.jit(lambda x, w: jsparse.sparse_matmul(x, w, sparse_operand="b", implementation="cusparselt"))(b.T, a.T)
+    err = max(rel_err(out, a @ b), rel_err(out_b, b.T @ a.T))
     print(f"probe: search={SEARCH} rel_err={err:.2e}", flush=True)
     return 0 if err < 1e-2 else 1
   shapes = SHAPES if args.shapes == "all" else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -248,16 +264,19 @@ def main(argv=None) -> int:
                                 base=f["xla_masked_ms"], **f))
     p = bench_fp8(lib)
     print(f"fp8: {p}", flush=True)
-    if "mode1_ms" in p and "xla_fp8_dense_ms" in p:
+    fp8_ms = [p[f"mode{m}_ms"] for m in (1, 3) if f"mode{m}_ms" in p]
+    if fp8_ms and "xla_fp8_dense_ms" in p:
       records.append(_util.record("sparse_matmul_fp8", config=dict(shape=list(FFN2_SHAPE), dtype="float8_e4m3fn",
                                                                    sparse="a"),
-                                  metric="time", baseline="xla_fp8_dense", ours=p["mode1_ms"],
+                                  metric="time", baseline="xla_fp8_dense", ours=min(fp8_ms),
                                   base=p["xla_fp8_dense_ms"], **p))
   print(f"stats: {lib.stats()}", flush=True)
   _util.write_results(args.out, records)
   _util.print_table(rows, ["M", "K", "N", "dense_ms", "ours_ms", "ratio_vs_dense", "ours_compress_ms",
-                           "compress_frac_of_copy", "lib_compress_ms", "ours_with_compress_ms",
-                           "ratio_with_compress_vs_dense", "torch_ms", "ratio_vs_torch", "ours_b_ms"])
+                           "compress_frac_of_copy", "ratio_compress_vs_lib", "ours_with_compress_ms",
+                           "ratio_with_compress_vs_dense", "ratio_vs_torch", "ratio_b_vs_dense"])
+  _util.print_table(rows, ["M", "K", "N", "ours_mode0_ms", "ours_mode1_ms", "ours_mode2_ms", "ours_mode3_ms",
+                           "ours_timed_search_ms", "ours_b_ms", "torch_ms", "torch_dense_ms"])
   return 1 if failed else 0
 
 

@@ -2,11 +2,14 @@
 
 Shapes are validated by the public ops (``jsparse.kernels.sparse_matmul.api``); these wrappers only assert.
 
-Product modes (the sparse operand is always cuSPARSELt's A, row-major ``m x k``, 2:4 along k):
+Product modes (the sparse operand is always cuSPARSELt's A, row-major ``m x k``, 2:4 along k; ``D = A op(B)``):
 
-* ``mode=0``: ``out (m, n) = A @ dense``, ``dense`` row-major ``(k, n)`` -- ``sparse_matmul(h, w2)``.
-* ``mode=1``: ``out (n, m) = dense @ A.T``, ``dense`` row-major ``(n, k)`` (cuSPARSELt: B with op T, D column-major)
-  -- ``sparse_matmul(x, w, sparse_operand="b")`` with A = ``w.T``.
+* bit 0 of ``mode``: ``dense`` is row-major ``(n, k)`` and enters as ``B = dense.T`` (else row-major ``(k, n)``).
+* bit 1 of ``mode``: the output is ``D.T``, row-major ``(n, m)`` (cuSPARSELt's column-major D), else ``D (m, n)``.
+
+So ``mode=1`` is ``out (m, n) = A @ dense.T`` (``sparse_matmul(h, w2)`` with ``dense = w2.T``) and ``mode=3`` is
+``out (n, m) = dense @ A.T`` (``sparse_matmul(x, w, sparse_operand="b")`` with A = ``w.T``): both operands
+contiguous along K, the layout cuSPARSELt's sm90 kernels are fastest on.
 
 Under ``jax.vmap`` both calls run once per batch element (``vmap_method="sequential"``): each is a full GEMM and the
 plan cache makes repeated shapes free.
@@ -49,12 +52,11 @@ def matmul(packed: jax.Array, dense: jax.Array, *, m: int, k: int, mode: int, se
   ``search``: 0 the library's default algorithm, 1 ``cusparseLtMatmulSearch``, 2 jsparse's timed search -- run once
   per shape on its first call, the choice kept in the cached plan.
   """
-  if mode == 0:
-    kk, n = dense.shape
-    out_shape = (m, n)
-  else:
+  if mode & 1:
     n, kk = dense.shape
-    out_shape = (n, m)
+  else:
+    kk, n = dense.shape
+  out_shape = (n, m) if mode & 2 else (m, n)
   assert kk == k, (dense.shape, m, k, mode)
   out_dtype = dense.dtype if out_dtype is None else out_dtype
   call = jax.ffi.ffi_call("jsparse_cslt_matmul", jax.ShapeDtypeStruct(out_shape, out_dtype),

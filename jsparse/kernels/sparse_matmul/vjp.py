@@ -44,9 +44,15 @@ def _dense_and_pullback(source, activation: str, axis: int):
 # Sparse a: out (rows, N) = a (rows, K) @ b (K, N)
 
 
+# Both cuSPARSELt operands contiguous along K (mode bit 0): b enters transposed, which XLA materialises (K x N, small
+# next to the GEMM at FFN shapes). See benchmarks/results/sparse_matmul.json (ours_mode*_ms) for the layouts measured.
+SPARSE_A_MODE = 1
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sparse_a(spec: _Spec, source, packed, b):
-  return ops.matmul(packed, b, m=spec.rows, k=spec.k, mode=0, search=spec.search)
+  dense = b.T if SPARSE_A_MODE & 1 else b
+  return ops.matmul(packed, dense, m=spec.rows, k=spec.k, mode=SPARSE_A_MODE, search=spec.search)
 
 
 def _sparse_a_fwd(spec, source, packed, b):
@@ -79,7 +85,7 @@ def sparse_a_matmul(a: Compressed24, b: jax.Array, *, search: int) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sparse_b(spec: _Spec, x, source, packed, packed_t):
-  return ops.matmul(packed, x, m=spec.n, k=spec.k, mode=1, search=spec.search)
+  return ops.matmul(packed, x, m=spec.n, k=spec.k, mode=3, search=spec.search)
 
 
 def _sparse_b_fwd(spec, x, source, packed, packed_t):
@@ -91,7 +97,7 @@ def _sparse_b_bwd(spec, res, g):
   w_dense, pull = _dense_and_pullback(source, "none", 0)
   if packed_t is not None:
     # dx (rows, K) = g (rows, N) @ w.T: sparse with A = w (K x N, 2:4 along N), contraction over N.
-    dx = ops.matmul(packed_t, g, m=spec.k, k=spec.n, mode=1, search=spec.search)
+    dx = ops.matmul(packed_t, g, m=spec.k, k=spec.n, mode=3, search=spec.search)
   else:
     dx = ref.matmul(g, w_dense.T)
   (dsource,) = pull(ref.matmul(x.T, g))

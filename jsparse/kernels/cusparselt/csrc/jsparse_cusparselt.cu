@@ -272,7 +272,7 @@ Status timed_search(Plan& plan, const void* a, const void* b, void* d, cudaStrea
   const int max_id = plan.alg_max_id;
   int best_id = plan.alg_id;
   float best_ms = 3.4e38f;
-  for (int id = 0; id <= max_id; ++id) {
+  for (int id = 0; id < max_id; ++id) {  // CONFIG_MAX_ID is the number of configurations
     if (cusparseLtMatmulAlgSetAttribute(plan.handle, &plan.selection, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &id,
                                         sizeof(id)) != CUSPARSE_STATUS_SUCCESS) {
       continue;
@@ -314,11 +314,12 @@ Status matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffe
   const ffi::DataType want_out = dtype == kE4M3 ? ffi::DataType::BF16 : dense.element_type();
   if (out->element_type() != want_out) return "the output dtype does not match the operands";
   if (packed.element_type() != ffi::DataType::U8) return "the compressed operand must be uint8";
-  if (mode != 0 && mode != 1) return "mode must be 0 or 1";
+  if (mode < 0 || mode > 3) return "mode must be 0..3 (bit 0: B transposed, bit 1: D column-major)";
+  const bool b_trans = mode & 1, d_col = mode & 2;
   auto dd = dense.dimensions();
   auto od = out->dimensions();
-  const bool dense_ok = dd.size() == 2 && (mode == 0 ? (dd[0] == k && dd[1] == n) : (dd[0] == n && dd[1] == k));
-  const bool out_ok = od.size() == 2 && (mode == 0 ? (od[0] == m && od[1] == n) : (od[0] == n && od[1] == m));
+  const bool dense_ok = dd.size() == 2 && (b_trans ? (dd[0] == n && dd[1] == k) : (dd[0] == k && dd[1] == n));
+  const bool out_ok = od.size() == 2 && (d_col ? (od[0] == n && od[1] == m) : (od[0] == m && od[1] == n));
   if (!dense_ok || !out_ok) return "operand shapes do not match m, n, k and mode";
   if (!aligned16(packed.untyped_data()) || !aligned16(dense.untyped_data()) || !aligned16(out->untyped_data())) {
     return "buffers must be 16-byte aligned";

@@ -161,29 +161,29 @@ struct Plan {
     return read_choice();
   }
 
-  // mode 0: D (m x n, row-major) = A (m x k) B (k x n, row-major).
-  // mode 1: D (m x n, column-major, i.e. row-major n x m) = A (m x k) B^T with B row-major (n x k).
+  // D = A op(B), A row-major m x k (2:4 along k). mode bit 0: B is row-major n x k with op T (else row-major k x n,
+  // op N); bit 1: D is column-major m x n, i.e. row-major n x m (else row-major m x n).
   Status build(const cusparseLtHandle_t* h, const PlanKey& key) {
     handle = h;
     const cudaDataType in_t = cuda_input_type(key.dtype), out_t = cuda_output_type(key.dtype);
     const uint32_t alignment = 16;
+    const bool b_trans = key.mode & 1, d_col = key.mode & 2;
     JSPARSE_CSLT(cusparseLtStructuredDescriptorInit(h, &a, key.m, key.k, key.k, alignment, in_t, CUSPARSE_ORDER_ROW,
                                                     CUSPARSELT_SPARSITY_50_PERCENT));
     has_a = true;
-    cusparseOperation_t op_b;
-    if (key.mode == 0) {
-      JSPARSE_CSLT(cusparseLtDenseDescriptorInit(h, &b, key.k, key.n, key.n, alignment, in_t, CUSPARSE_ORDER_ROW));
-      has_b = true;
-      JSPARSE_CSLT(cusparseLtDenseDescriptorInit(h, &c, key.m, key.n, key.n, alignment, out_t, CUSPARSE_ORDER_ROW));
-      has_c = true;
-      op_b = CUSPARSE_OPERATION_NON_TRANSPOSE;
-    } else {
+    if (b_trans) {
       JSPARSE_CSLT(cusparseLtDenseDescriptorInit(h, &b, key.n, key.k, key.k, alignment, in_t, CUSPARSE_ORDER_ROW));
-      has_b = true;
-      JSPARSE_CSLT(cusparseLtDenseDescriptorInit(h, &c, key.m, key.n, key.m, alignment, out_t, CUSPARSE_ORDER_COL));
-      has_c = true;
-      op_b = CUSPARSE_OPERATION_TRANSPOSE;
+    } else {
+      JSPARSE_CSLT(cusparseLtDenseDescriptorInit(h, &b, key.k, key.n, key.n, alignment, in_t, CUSPARSE_ORDER_ROW));
     }
+    has_b = true;
+    if (d_col) {
+      JSPARSE_CSLT(cusparseLtDenseDescriptorInit(h, &c, key.m, key.n, key.m, alignment, out_t, CUSPARSE_ORDER_COL));
+    } else {
+      JSPARSE_CSLT(cusparseLtDenseDescriptorInit(h, &c, key.m, key.n, key.n, alignment, out_t, CUSPARSE_ORDER_ROW));
+    }
+    has_c = true;
+    const cusparseOperation_t op_b = b_trans ? CUSPARSE_OPERATION_TRANSPOSE : CUSPARSE_OPERATION_NON_TRANSPOSE;
     JSPARSE_CSLT(cusparseLtMatmulDescriptorInit(h, &matmul, CUSPARSE_OPERATION_NON_TRANSPOSE, op_b, &a, &b, &c, &c,
                                                 CUSPARSE_COMPUTE_32F));
     JSPARSE_CSLT(cusparseLtMatmulAlgSelectionInit(h, &selection, &matmul, CUSPARSELT_MATMUL_ALG_DEFAULT));
