@@ -38,6 +38,9 @@ from jsparse.kernels.sparse_matmul import vjp
 from jsparse.kernels.sparse_matmul.api import search_mode
 
 SEARCH = search_mode()
+# The layouts measured for the activation-sparse product (ops.py: bit 0 b transposed, bit 1 output transposed). Modes
+# 1 and 2 are left out: cusparseLtMatmulSearch (0.8.0) segfaulted on mode 1 at 4096^3 in this harness.
+MODES = (0, 3)
 SHAPES = [(4096, 4096, 4096), (16384, 2048, 8192), (16384, 8192, 2048), (8192, 4096, 14336), (8192, 14336, 4096),
           (8192, 8192, 8192), (32768, 8192, 8192)]
 FFN2_SHAPE = (16384, 8192, 2048)
@@ -136,7 +139,7 @@ def bench_shape(M, K, N, lib) -> dict:
   err_with = rel_err(with_compress(a, b), ref)
   err_b = rel_err(gemm_b(x, wc), dense(x, w))
   mode_errs = {}
-  for mode in range(4):
+  for mode in MODES:
     out = raw(mode, SEARCH)(packed, bt if mode & 1 else b)
     mode_errs[mode] = rel_err(out.T if mode & 2 else out, ref)
 
@@ -148,10 +151,9 @@ def bench_shape(M, K, N, lib) -> dict:
   r["lib_compress_ms"] = _util.time_fn(compress_lib, a, iters=5, rounds=3)
   r["ours_b_ms"] = _util.time_fn(gemm_b, x, wc)
   r["copy_ms"] = _util.time_fn(copy, a)
-  for mode in range(4):
+  for mode in MODES:
     r[f"ours_mode{mode}_ms"] = _util.time_fn(raw(mode, SEARCH), packed, bt if mode & 1 else b)
     r[f"rel_err_mode{mode}"] = mode_errs[mode]
-  r["ours_timed_search_ms"] = _util.time_fn(raw(vjp.SPARSE_A_MODE, 2), packed, bt if vjp.SPARSE_A_MODE & 1 else b)
   del packed_lib
   torch_ms, torch_dense_ms, torch_note = torch_time(M, K, N)
   r.update(torch_ms=torch_ms, torch_dense_ms=torch_dense_ms, torch_note=torch_note)
@@ -169,8 +171,7 @@ def bench_shape(M, K, N, lib) -> dict:
   r["layout"] = lib.layout_status(M, K, dtype)
   r["search"] = SEARCH
   r["sparse_a_mode"] = vjp.SPARSE_A_MODE
-  r["plans"] = {mode: lib.plan_info(M, N, K, mode, dtype, SEARCH) for mode in range(4)}
-  r["plan_timed"] = lib.plan_info(M, N, K, vjp.SPARSE_A_MODE, dtype, 2)
+  r["plans"] = {mode: lib.plan_info(M, N, K, mode, dtype, SEARCH) for mode in MODES}
   r["plan_b"] = lib.plan_info(N, M, K, 3, dtype, SEARCH)
   return r
 
@@ -201,7 +202,7 @@ def bench_fp8(lib) -> dict:
     packed = jax.jit(lambda a: ops.compress(a, method="library"))(a)
     dense8 = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.bfloat16))
     ref = dense8(a, b)
-    for mode in (0, 1, 3):
+    for mode in (0, 3):
       name = f"mode{mode}"
       try:
         f = jax.jit(lambda p, d, mode=mode: ops.matmul(p, d, m=M, k=K, mode=mode, search=SEARCH,
@@ -264,7 +265,7 @@ def main(argv=None) -> int:
                                 base=f["xla_masked_ms"], **f))
     p = bench_fp8(lib)
     print(f"fp8: {p}", flush=True)
-    fp8_ms = [p[f"mode{m}_ms"] for m in (1, 3) if f"mode{m}_ms" in p]
+    fp8_ms = [p[f"mode{m}_ms"] for m in (0, 3) if f"mode{m}_ms" in p]
     if fp8_ms and "xla_fp8_dense_ms" in p:
       records.append(_util.record("sparse_matmul_fp8", config=dict(shape=list(FFN2_SHAPE), dtype="float8_e4m3fn",
                                                                    sparse="a"),
@@ -275,8 +276,7 @@ def main(argv=None) -> int:
   _util.print_table(rows, ["M", "K", "N", "dense_ms", "ours_ms", "ratio_vs_dense", "ours_compress_ms",
                            "compress_frac_of_copy", "ratio_compress_vs_lib", "ours_with_compress_ms",
                            "ratio_with_compress_vs_dense", "ratio_vs_torch", "ratio_b_vs_dense"])
-  _util.print_table(rows, ["M", "K", "N", "ours_mode0_ms", "ours_mode1_ms", "ours_mode2_ms", "ours_mode3_ms",
-                           "ours_timed_search_ms", "ours_b_ms", "torch_ms", "torch_dense_ms"])
+  _util.print_table(rows, ["M", "K", "N", "ours_mode0_ms", "ours_mode3_ms", "ours_b_ms", "torch_ms", "torch_dense_ms"])
   return 1 if failed else 0
 
 

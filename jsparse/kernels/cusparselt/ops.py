@@ -7,9 +7,9 @@ Product modes (the sparse operand is always cuSPARSELt's A, row-major ``m x k``,
 * bit 0 of ``mode``: ``dense`` is row-major ``(n, k)`` and enters as ``B = dense.T`` (else row-major ``(k, n)``).
 * bit 1 of ``mode``: the output is ``D.T``, row-major ``(n, m)`` (cuSPARSELt's column-major D), else ``D (m, n)``.
 
-So ``mode=1`` is ``out (m, n) = A @ dense.T`` (``sparse_matmul(h, w2)`` with ``dense = w2.T``) and ``mode=3`` is
-``out (n, m) = dense @ A.T`` (``sparse_matmul(x, w, sparse_operand="b")`` with A = ``w.T``): both operands
-contiguous along K, the layout cuSPARSELt's sm90 kernels are fastest on.
+``sparse_matmul(h, w2)`` uses ``mode=0``: ``out (m, n) = A @ dense``. ``sparse_matmul(x, w, sparse_operand="b")``
+uses ``mode=3``: ``out (n, m) = dense @ A.T`` with A = ``w.T`` -- both operands contiguous along K, the layout
+cuSPARSELt's sm90 kernels are fastest on (benchmarks/results/sparse_matmul.json, ``ours_b_ms``).
 
 Under ``jax.vmap`` both calls run once per batch element (``vmap_method="sequential"``): each is a full GEMM and the
 plan cache makes repeated shapes free.
@@ -49,8 +49,8 @@ def matmul(packed: jax.Array, dense: jax.Array, *, m: int, k: int, mode: int, se
            out_dtype=None) -> jax.Array:
   """The sparse GEMM on a compressed A (``m x k``); see the module docstring for ``mode``.
 
-  ``search``: 0 the library's default algorithm, 1 ``cusparseLtMatmulSearch``, 2 jsparse's timed search -- run once
-  per shape on its first call, the choice kept in the cached plan.
+  ``search``: 0 the library's default algorithm, 1 ``cusparseLtMatmulSearch`` -- run once per shape on its first call,
+  the choice kept in the cached plan.
   """
   if mode & 1:
     n, kk = dense.shape

@@ -198,16 +198,13 @@ def squared_relu_24_compress(y: jax.Array, *, implementation: str | None = None)
 # The product
 
 
-SEARCH_MODES = {"0": 0, "": 0, "1": 1, "library": 1, "2": 2, "timed": 2}
-
-
 def search_mode() -> int:
-  """``$JSPARSE_CUSPARSELT_SEARCH`` (read at trace time): 0 off (the library's default algorithm), 1 / ``library``
-  (``cusparseLtMatmulSearch`` once per shape), 2 / ``timed`` (jsparse times every algorithm id once per shape)."""
-  value = os.environ.get("JSPARSE_CUSPARSELT_SEARCH", "0").strip().lower()
-  if value not in SEARCH_MODES:
-    raise ValueError(f"JSPARSE_CUSPARSELT_SEARCH must be one of {sorted(SEARCH_MODES)}, got {value!r}")
-  return SEARCH_MODES[value]
+  """``$JSPARSE_CUSPARSELT_SEARCH`` (read at trace time): ``1`` runs ``cusparseLtMatmulSearch`` once per shape (the
+  choice is cached with the plan), anything else (default ``0``) uses the library's default algorithm."""
+  value = os.environ.get("JSPARSE_CUSPARSELT_SEARCH", "0").strip()
+  if value not in ("", "0", "1"):
+    raise ValueError(f"JSPARSE_CUSPARSELT_SEARCH must be 0 or 1, got {value!r}")
+  return 1 if value == "1" else 0
 
 
 def sparse_matmul(a, b, *, sparse_operand: str = "a", implementation: str | None = None) -> jax.Array:

@@ -44,9 +44,9 @@ def _dense_and_pullback(source, activation: str, axis: int):
 # Sparse a: out (rows, N) = a (rows, K) @ b (K, N)
 
 
-# Both cuSPARSELt operands contiguous along K (mode bit 0): b enters transposed, which XLA materialises (K x N, small
-# next to the GEMM at FFN shapes). See benchmarks/results/sparse_matmul.json (ours_mode*_ms) for the layouts measured.
-SPARSE_A_MODE = 1
+# b enters as it is (row-major K x N, op N; output row-major). cuSPARSELt 0.8.0 on the H100 segfaulted in
+# cusparseLtMatmulSearch with b transposed and a row-major output (mode 1) at 4096^3, so that layout is not used.
+SPARSE_A_MODE = 0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

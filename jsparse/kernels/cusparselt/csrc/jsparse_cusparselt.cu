@@ -2,9 +2,9 @@
 // exported C functions (sizes, statistics, plan info) read through ctypes.
 //
 // Execute does no per-call setup: plans come from the process-wide cache (plan_cache.h), built on first use of a
-// shape. With search=1 the first call of a shape also runs cusparseLtMatmulSearch (search=2: jsparse's own timing loop
-// over the algorithm ids); both block, which is safe because these handlers do not declare command-buffer
-// compatibility, so XLA never runs them under CUDA-graph capture. The choice stays in the cached plan.
+// shape. With search=1 the first call of a shape also runs cusparseLtMatmulSearch; it blocks, which is safe because
+// these handlers do not declare command-buffer compatibility, so XLA never runs them under CUDA-graph capture. The
+// choice stays in the cached plan.
 // Workspaces come from XLA's scratch allocator. Every CUDA / cuSPARSELt status is checked and returned as an
 // ffi::Error naming the call.
 #include <cuda_runtime.h>
@@ -238,7 +238,7 @@ ffi::Error CompressImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
 // ---------------------------------------------------------------------------------------------------------------------
 // Matmul
 
-enum Search : int { kSearchNone = 0, kSearchLibrary = 1, kSearchTimed = 2 };
+enum Search : int { kSearchNone = 0, kSearchLibrary = 1 };
 
 // cusparseLtMatmulSearch as NVIDIA's samples and torch use it: it updates the plan (and the selection) in place;
 // afterwards only the chosen configuration and the workspace size are read back.
@@ -252,59 +252,6 @@ Status library_search(Plan& plan, const void* a, const void* b, void* d, cudaStr
   JSPARSE_RETURN_IF_ERROR(plan.read_choice());
   JSPARSE_CSLT(cusparseLtMatmulGetWorkspace(plan.handle, &plan.plan, &plan.workspace));
   return {};
-}
-
-// Our own search: every algorithm configuration id with the library's default split-K, timed with CUDA events on
-// the call's stream (median of 3 after a warm-up); the fastest is kept. Slower than the library's search to run but
-// independent of it.
-Status timed_search(Plan& plan, const void* a, const void* b, void* d, cudaStream_t stream,
-                    ffi::ScratchAllocator& scratch) {
-  const float alpha = 1.0f, beta = 0.0f;
-  cudaStream_t streams[1] = {stream};
-  cudaEvent_t ev[4];
-  for (auto& e : ev) JSPARSE_CUDA(cudaEventCreate(&e));
-  struct Events {
-    cudaEvent_t* ev;
-    ~Events() {
-      for (int i = 0; i < 4; ++i) cudaEventDestroy(ev[i]);
-    }
-  } guard{ev};
-  const int max_id = plan.alg_max_id;
-  int best_id = plan.alg_id;
-  float best_ms = 3.4e38f;
-  for (int id = 0; id < max_id; ++id) {  // CONFIG_MAX_ID is the number of configurations
-    if (cusparseLtMatmulAlgSetAttribute(plan.handle, &plan.selection, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &id,
-                                        sizeof(id)) != CUSPARSE_STATUS_SUCCESS) {
-      continue;
-    }
-    if (!plan.init_plan().empty()) continue;  // a configuration this problem does not support
-    TempBuffer ws(scratch, plan.workspace, stream);
-    if (!ws) continue;
-    float times[3];
-    bool ok = cusparseLtMatmul(plan.handle, &plan.plan, &alpha, a, b, &beta, d, d, ws.get(), streams, 1) ==
-              CUSPARSE_STATUS_SUCCESS;
-    for (int r = 0; ok && r < 3; ++r) {
-      ok = cudaEventRecord(ev[0], stream) == cudaSuccess &&
-           cusparseLtMatmul(plan.handle, &plan.plan, &alpha, a, b, &beta, d, d, ws.get(), streams, 1) ==
-               CUSPARSE_STATUS_SUCCESS &&
-           cudaEventRecord(ev[1], stream) == cudaSuccess && cudaEventSynchronize(ev[1]) == cudaSuccess &&
-           cudaEventElapsedTime(&times[r], ev[0], ev[1]) == cudaSuccess;
-    }
-    if (!ok) {
-      (void)cudaGetLastError();
-      continue;
-    }
-    const float lo = fminf(times[0], fminf(times[1], times[2])), hi = fmaxf(times[0], fmaxf(times[1], times[2]));
-    const float median = times[0] + times[1] + times[2] - lo - hi;
-    if (median < best_ms) {
-      best_ms = median;
-      best_id = id;
-    }
-  }
-  JSPARSE_CUDA(cudaStreamSynchronize(stream));
-  JSPARSE_CSLT(cusparseLtMatmulAlgSetAttribute(plan.handle, &plan.selection, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &best_id,
-                                               sizeof(best_id)));
-  return plan.init_plan();
 }
 
 Status matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer packed, ffi::AnyBuffer dense,
@@ -326,7 +273,7 @@ Status matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffe
   }
   int device = 0;
   JSPARSE_RETURN_IF_ERROR(current_device(&device));
-  if (search < kSearchNone || search > kSearchTimed) return "search must be 0 (off), 1 (library) or 2 (timed)";
+  if (search != kSearchNone && search != kSearchLibrary) return "search must be 0 (off) or 1 (cusparseLtMatmulSearch)";
   const PlanKey key{device, m, n, k, mode, dtype, search};
   const float alpha = 1.0f, beta = 0.0f;
   std::shared_ptr<Plan> plan;
@@ -337,13 +284,10 @@ Status matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffe
       return "the compressed operand has " + std::to_string(packed.size_bytes()) + " bytes, the plan needs " +
              std::to_string(plan->compressed_size);
     }
-    if (key.search != kSearchNone && !plan->searched) {
+    if (key.search == kSearchLibrary && !plan->searched) {
       // Once per shape, outside any graph capture (see the file comment).
-      JSPARSE_RETURN_IF_ERROR(key.search == kSearchLibrary
-                                  ? library_search(*plan, packed.untyped_data(), dense.untyped_data(),
-                                                   out->untyped_data(), stream, scratch)
-                                  : timed_search(*plan, packed.untyped_data(), dense.untyped_data(),
-                                                 out->untyped_data(), stream, scratch));
+      JSPARSE_RETURN_IF_ERROR(
+          library_search(*plan, packed.untyped_data(), dense.untyped_data(), out->untyped_data(), stream, scratch));
       plan->searched = true;
       stats().searches++;
     }
