@@ -56,10 +56,12 @@ def test_relu_square_fused(impl, dtype):
     r, h2 = jsparse.unpack_bitmask(packed, return_square=True, implementation=im)
   relu = jnp.where(jnp.isnan(x), x, jnp.maximum(x, 0))
   assert packed.shape == x.shape and r.shape == x.shape
-  assert_bitwise_equal(r, relu)  # NaN is stored and comes back
   expected_h = (relu.astype(jnp.float32) ** 2).astype(dtype)
-  assert_bitwise_equal(h, expected_h)
-  assert_bitwise_equal(h2, expected_h)
+  nan = np.isnan(np.asarray(x, np.float32))
+  for got, want in ((r, relu), (h, expected_h), (h2, expected_h)):
+    # NaN is stored and comes back as NaN; the GPU may canonicalise its payload (PTX max.NaN gives 0x7fffffff).
+    np.testing.assert_array_equal(np.isnan(np.asarray(got, np.float32)), nan)
+    assert_bitwise_equal(jnp.where(nan, 0, got), jnp.where(nan, 0, want))
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

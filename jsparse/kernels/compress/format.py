@@ -60,7 +60,7 @@ class BitmaskPacked:
   @property
   def density(self) -> jax.Array:
     """Fraction of the input's elements that were non-zero."""
-    return self.nnz / math.prod(self.shape)
+    return self.nnz / float(math.prod(self.shape))  # a Python float: T*F may exceed int32
 
   @property
   def dropped_fraction(self) -> jax.Array:
