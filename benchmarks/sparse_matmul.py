@@ -11,6 +11,9 @@ For every (M, K, N), bf16, the 2:4 operand A is M x K (the activation-sparse pro
 * ``ours_b_ms``               -- the weight-sparse product ``x @ W`` (W 2:4 along K) with the same M, K, N.
 * ``copy_gbps`` / ``compress_gbps`` -- bytes moved per second by a same-size elementwise copy and by the compress.
 
+Timing: host wall clock over 20 back-to-back calls ending in a sync, median of 7 rounds; the functions compared with
+each other (XLA dense, ours, torch) run round-robin inside each round, so GPU clock and power drift affect them alike.
+
 Run on the GPU: ``python -m benchmarks.sparse_matmul --out $OUT/sparse_matmul.json``. Every jsparse GEMM runs with
 the algorithm search of ``$JSPARSE_CUSPARSELT_SEARCH`` (default here: 1, the library's). One record per shape, plus
 the fused FFN2 activation path and an fp8 probe; the JSON is rewritten after every shape.
@@ -58,12 +61,37 @@ def rel_err(out, ref) -> float:
   return float(np.linalg.norm(out - ref) / (np.linalg.norm(ref) + 1e-30))
 
 
-def torch_time(M, K, N, iters=20, rounds=5) -> tuple[float | None, float | None, str]:
-  """(torch._cslt_sparse_mm ms with its searched alg, torch dense mm ms, note)."""
+def jax_runner(fn, *args):
+  """``run(iters)``: ``iters`` back-to-back calls, then wait for the last result (launch gaps overlap as in training)."""
+  def run(iters):
+    out = None
+    for _ in range(iters):
+      out = fn(*args)
+    jax.block_until_ready(out)
+  return run
+
+
+def interleaved(runners: dict, iters: int = 20, rounds: int = 7, warmup: int = 3) -> dict[str, float]:
+  """Median ms per call of each runner, timed round-robin: every round runs each one (in a rotated order), so clock
+  and power drift over the measurement hit all of them alike instead of whichever ran first."""
+  names = list(runners)
+  for name in names:
+    runners[name](warmup)
+  samples = {name: [] for name in names}
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      t0 = time.perf_counter()
+      runners[name](iters)
+      samples[name].append((time.perf_counter() - t0) * 1e3 / iters)
+  return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def torch_runners(M, K, N) -> tuple[dict, str]:
+  """({"torch_ms": run, "torch_dense_ms": run} for torch._cslt_sparse_mm with its searched alg and torch.mm, note)."""
   try:
     import torch
   except ImportError as e:
-    return None, None, f"torch unavailable: {e}"
+    return {}, f"torch unavailable: {e}"
   try:
     torch.manual_seed(0)
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -81,27 +109,17 @@ def torch_time(M, K, N, iters=20, rounds=5) -> tuple[float | None, float | None,
       fn = lambda: torch._cslt_sparse_mm(ac, b, alg_id=alg_id, split_k=split_k, split_k_one_kernel=bool(split_k_mode))
     dense = lambda: torch.mm(a, b)
 
-    def bench(f):
-      for _ in range(3):
-        f()
-      torch.cuda.synchronize()
-      times = []
-      for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    def runner(f):
+      def run(iters):
         for _ in range(iters):
           f()
-        end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-      return statistics.median(times)
+      return run
 
-    out = bench(fn), bench(dense), f"alg_id={alg_id} split_k={split_k} split_k_mode={split_k_mode}"
-    del a, b, ac
-    torch.cuda.empty_cache()
-    return out
+    return ({"torch_ms": runner(fn), "torch_dense_ms": runner(dense)},
+            f"alg_id={alg_id} split_k={split_k} split_k_mode={split_k_mode}")
   except Exception as e:  # report, never hide: the record says why torch is missing
-    return None, None, f"torch failed: {type(e).__name__}: {e}"
+    return {}, f"torch failed: {type(e).__name__}: {e}"
 
 
 def bench_shape(M, K, N, lib) -> dict:
@@ -144,19 +162,21 @@ def bench_shape(M, K, N, lib) -> dict:
     mode_errs[mode] = rel_err(out.T if mode & 2 else out, ref)
 
   r = dict(M=M, K=K, N=N, dtype="bfloat16")
-  r["dense_ms"] = _util.time_fn(dense, a, b)
-  r["ours_ms"] = _util.time_fn(gemm, ca, b)
-  r["ours_compress_ms"] = _util.time_fn(compress, a)
-  r["ours_with_compress_ms"] = _util.time_fn(with_compress, a, b)
-  r["lib_compress_ms"] = _util.time_fn(compress_lib, a, iters=5, rounds=3)
-  r["ours_b_ms"] = _util.time_fn(gemm_b, x, wc)
-  r["copy_ms"] = _util.time_fn(copy, a)
+  t_runners, torch_note = torch_runners(M, K, N)
+  gemms = dict(dense_ms=jax_runner(dense, a, b), ours_ms=jax_runner(gemm, ca, b),
+               ours_with_compress_ms=jax_runner(with_compress, a, b), ours_b_ms=jax_runner(gemm_b, x, wc),
+               **{f"ours_mode{m}_ms": jax_runner(raw(m, SEARCH), packed, bt if m & 1 else b) for m in MODES},
+               **t_runners)
+  r.update(interleaved(gemms))
+  r.update(interleaved(dict(ours_compress_ms=jax_runner(compress, a), copy_ms=jax_runner(copy, a))))
+  r.update(interleaved(dict(lib_compress_ms=jax_runner(compress_lib, a)), iters=5, rounds=3, warmup=1))
   for mode in MODES:
-    r[f"ours_mode{mode}_ms"] = _util.time_fn(raw(mode, SEARCH), packed, bt if mode & 1 else b)
     r[f"rel_err_mode{mode}"] = mode_errs[mode]
-  del packed_lib
-  torch_ms, torch_dense_ms, torch_note = torch_time(M, K, N)
-  r.update(torch_ms=torch_ms, torch_dense_ms=torch_dense_ms, torch_note=torch_note)
+  del packed_lib, t_runners
+  torch_ms = r.get("torch_ms")
+  r.setdefault("torch_ms", None)
+  r.setdefault("torch_dense_ms", None)
+  r["torch_note"] = torch_note
   compress_bytes = M * K * 2 + M * K * 9 // 8
   r["compress_gbps"] = compress_bytes / r["ours_compress_ms"] / 1e6
   r["copy_gbps"] = 2 * M * K * 2 / r["copy_ms"] / 1e6
@@ -177,7 +197,8 @@ def bench_shape(M, K, N, lib) -> dict:
 
 
 def bench_ffn2(lib) -> dict:
-  """The activation path: relu^2 + 2:4 + h @ W2 from the pre-activation, XLA vs jsparse's fused compress + GEMM."""
+  """The activation path from the pre-activation: jsparse's fused relu^2 + 2:4 + compress, then the sparse GEMM, vs the
+  dense FFN2 in XLA (relu^2 fused by XLA, dense GEMM; the baseline) and XLA's own 2:4 reference (relu^2 + 2:4 mask)."""
   T, F, D = FFN2_SHAPE
   ky, kw = jax.random.split(jax.random.key(1))
   y = jax.random.normal(ky, (T, F), jnp.float32).astype(jnp.bfloat16)
@@ -187,8 +208,9 @@ def bench_ffn2(lib) -> dict:
   ours = jax.jit(lambda y, w: jsparse.sparse_matmul(jsparse.squared_relu_24_compress(y, implementation="cusparselt"),
                                                     w, implementation="cusparselt"))
   err = rel_err(ours(y, w2), xla(y, w2))
-  return dict(T=T, F=F, D=D, xla_masked_ms=_util.time_fn(xla, y, w2),
-              xla_dense_relu2_ms=_util.time_fn(xla_dense, y, w2), ours_ms=_util.time_fn(ours, y, w2), rel_err=err)
+  times = interleaved(dict(xla_masked_ms=jax_runner(xla, y, w2), xla_dense_relu2_ms=jax_runner(xla_dense, y, w2),
+                           ours_ms=jax_runner(ours, y, w2)))
+  return dict(T=T, F=F, D=D, rel_err=err, **times)
 
 
 def bench_fp8(lib) -> dict:
@@ -202,6 +224,7 @@ def bench_fp8(lib) -> dict:
     packed = jax.jit(lambda a: ops.compress(a, method="library"))(a)
     dense8 = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.bfloat16))
     ref = dense8(a, b)
+    runners = {}
     for mode in (0, 3):
       name = f"mode{mode}"
       try:
@@ -210,13 +233,11 @@ def bench_fp8(lib) -> dict:
         d = bt if mode & 1 else b
         res = f(packed, d)
         out[f"{name}_rel_err"] = rel_err(res.T if mode & 2 else res, ref)
-        out[f"{name}_ms"] = _util.time_fn(f, packed, d)
+        runners[f"{name}_ms"] = jax_runner(f, packed, d)
       except Exception as e:
         out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    try:
-      out["xla_fp8_dense_ms"] = _util.time_fn(dense8, a, b)
-    except Exception as e:
-      out["xla_fp8_dense_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    runners["xla_fp8_dense_ms"] = jax_runner(dense8, a, b)
+    out.update(interleaved(runners))
   except Exception as e:
     out["error"] = f"{type(e).__name__}: {str(e)[:300]}"
   return out
@@ -261,8 +282,8 @@ def main(argv=None) -> int:
     print(f"ffn2: {f}", flush=True)
     records.append(_util.record("sparse_matmul_ffn2_path", config=dict(shape=list(FFN2_SHAPE), dtype="bfloat16",
                                                                        sparse="relu2(y) 2:4"),
-                                metric="time", baseline="xla_relu2_masked_dense", ours=f["ours_ms"],
-                                base=f["xla_masked_ms"], **f))
+                                metric="time", baseline="xla_dense_relu2", ours=f["ours_ms"],
+                                base=f["xla_dense_relu2_ms"], **f))
     p = bench_fp8(lib)
     print(f"fp8: {p}", flush=True)
     fp8_ms = [p[f"mode{m}_ms"] for m in (0, 3) if f"mode{m}_ms" in p]
