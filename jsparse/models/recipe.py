@@ -1,0 +1,325 @@
+"""The sparse squared-ReLU FFN as one functional ``custom_vjp``: Haziza et al.'s 2:4 activation recipe, S-STE weights.
+
+Notation: ``x_TxD`` tokens, ``w1_DxF``, ``w2_FxD``; ``y1 = x W1``, ``h = relu(y1)^2``, ``out = h W2``.
+
+Forward (activation sparsity ``"2:4"``): ``y1`` is pruned 2:4 along F *before* the squared ReLU, keeping the two
+largest (signed) pre-activations of every four (``jsparse.squared_relu_nm``), so ``h`` is a 2:4 operand of the second
+GEMM. The one T x F residual is ``r = relu(y1) * mask`` (itself 2:4-sparse).
+
+Backward -- exactly the recipe (``lingua/transformer.py::_FFNSRelu.backward_sp`` in the paper authors' fork):
+
+==========================  =====================================================================================
+``dy2 = dout W2^T``          dense
+``dy1 = 2 dy2 * r``          the forward mask is reused: dy1 is zero wherever the forward dropped y1 (ablation
+                             ``reuse_mask_in_backward=False``: ``r`` is the unmasked relu(y1))
+``dx  = dy1 W1^T``           2:4 along F (dy1 already is, with the mask reused; otherwise it is pruned by |.|)
+``dW2 = h^T dout``           token-wise 2:4 (along T) on the sparsest features, dense on the densest
+``dW1 = x^T dy1``            ``dense_fraction`` (the "95/5 split"; count rounded to ``dense_multiple``)
+==========================  =====================================================================================
+
+Tokens are shuffled first (``perm``) so that a 2:4 group along T takes four unrelated tokens rather than four
+neighbours; the shuffle only matters to the backward, so the primal (inference) path skips it.
+
+Weight sparsity ``"2:4-sste"`` enters as already soft-thresholded weights (``sste.py``); here it only decides which
+GEMM operand is 2:4: W1 and W2 are 2:4 along their contraction (first) axis, so the two forward GEMMs are sparse;
+their transposes in ``dy2``/``dx`` are not (2:4 runs along the wrong axis) and stay dense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+import jsparse
+from jsparse.models import _ops
+from jsparse.models.config import FFNConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeSpec:
+  """The static part of one FFN call (hashable; a ``custom_vjp`` non-differentiable argument)."""
+
+  activation_24: bool = True
+  reuse_mask_in_backward: bool = True
+  weight_grads_24: bool = True
+  dense_fraction: float = 0.05
+  dense_multiple: int = 128
+  sparse_w1: bool = False
+  sparse_w2: bool = False
+  implementation: str | None = None
+  stats: bool = True
+  storage: str = "dense"  # the residual relu(y1): "dense", "24" or "bitmask" (see FFNConfig.residual_storage)
+  capacity: float = 0.25  # bitmask values buffer, fraction of T x F
+  split_strategy: str = "auto"  # "auto", "masked" (one GEMM on a pruned copy) or "gather" (sparse + dense GEMMs)
+
+  @classmethod
+  def from_config(cls, config: FFNConfig, **changes) -> "RecipeSpec":
+    spec = cls(activation_24=config.activation_24, reuse_mask_in_backward=config.reuse_mask_in_backward,
+               weight_grads_24=config.weight_grads_24, dense_fraction=config.dense_fraction,
+               dense_multiple=config.dense_multiple, sparse_w1=config.sparse_w1, sparse_w2=config.sparse_w2,
+               implementation=config.implementation, stats=config.stats, storage=config.residual_storage,
+               capacity=config.remat_capacity)
+    return dataclasses.replace(spec, **changes)
+
+  @property
+  def op_impl(self) -> str | None:
+    return _ops.op_implementation(self.implementation)
+
+  @property
+  def gemm_impl(self) -> str | None:
+    return _ops.gemm_implementation(self.implementation)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The recipe's pieces (public for tests and for users building their own FFN).
+
+
+def n_dense_features(d_ff: int, dense_fraction: float, multiple: int = 128) -> int:
+  """How many features keep dense weight gradients: ``d_ff`` minus the sparse count.
+
+  The sparse count is ``floor((1 - dense_fraction) * d_ff)`` rounded *up* to a multiple of ``multiple`` (capped at
+  ``d_ff``), as in the reference code; so for d_ff=8192 and 5%, 7808 features are 2:4 along tokens and 384 dense.
+  """
+  n_sparse = int((1.0 - dense_fraction) * d_ff + 1e-9)
+  n_sparse = -(-n_sparse // multiple) * multiple
+  return d_ff - min(n_sparse, d_ff)
+
+
+def feature_order(density_F: jax.Array) -> jax.Array:
+  """Features from sparsest to densest (stable: equal densities keep index order)."""
+  return jnp.argsort(density_F, stable=True)
+
+
+def dense_feature_mask(density_F: jax.Array, n_dense: int) -> jax.Array:
+  """Bool mask of the ``n_dense`` densest features (the ones whose weight-gradient rows stay dense)."""
+  F = density_F.shape[0]
+  order = feature_order(density_F)
+  return jnp.zeros((F,), bool).at[order[F - n_dense:]].set(True)
+
+
+def token_24(a_TxF: jax.Array, *, implementation: str | None = None) -> jax.Array:
+  """2:4 along the token axis (axis 0) by magnitude: the sparse operand of a weight-gradient GEMM."""
+  return jsparse.nm_prune(a_TxF, 2, 4, axis=0, implementation=implementation)
+
+
+def permute_tokens(x_TxD: jax.Array, perm_T: jax.Array) -> jax.Array:
+  return jnp.take(x_TxD, perm_T, axis=0)
+
+
+def unpermute_tokens(y_TxD: jax.Array, perm_T: jax.Array) -> jax.Array:
+  """Inverse of :func:`permute_tokens`: ``unpermute_tokens(permute_tokens(x, p), p) == x``."""
+  return jnp.zeros_like(y_TxD).at[perm_T].set(y_TxD, unique_indices=True)
+
+
+def split_weight_grad(lhs_TxA: jax.Array, rhs_TxF: jax.Array, density_F: jax.Array, n_dense: int, *,
+                      strategy: str = "masked", op_impl: str | None = None,
+                      gemm_impl: str | None = None) -> jax.Array:
+  """``lhs^T rhs`` (A x F) with ``rhs`` 2:4 along T on all but the ``n_dense`` densest features.
+
+  ``strategy="masked"`` prunes a copy of ``rhs`` and runs one GEMM (the XLA path); ``"gather"`` gathers the sparse and
+  the dense feature columns, runs a 2:4 GEMM and a dense GEMM and scatters the two results back (the layout a 2:4
+  kernel needs). Both compute the same numbers.
+  """
+  T, F = rhs_TxF.shape
+  if strategy == "masked" or n_dense in (0, F):
+    if n_dense == F:
+      return _ops.matmul(lhs_TxA.T, rhs_TxF, implementation=gemm_impl)
+    pruned_TxF = token_24(rhs_TxF, implementation=op_impl)
+    if n_dense:
+      dense_F = dense_feature_mask(density_F, n_dense)
+      pruned_TxF = jnp.where(dense_F[None, :], rhs_TxF, pruned_TxF)
+    return _ops.matmul(lhs_TxA.T, pruned_TxF, sparse_operand="b" if not n_dense else None, implementation=gemm_impl)
+  if strategy != "gather":
+    raise ValueError(f"split_weight_grad: strategy must be 'masked' or 'gather', got {strategy!r}")
+  order = feature_order(density_F)
+  sparse_idx, dense_idx = order[:F - n_dense], order[F - n_dense:]
+  sparse_TxS = token_24(jnp.take(rhs_TxF, sparse_idx, axis=1), implementation=op_impl)
+  out_sparse = _ops.matmul(lhs_TxA.T, sparse_TxS, sparse_operand="b", implementation=gemm_impl)
+  out_dense = _ops.matmul(lhs_TxA.T, jnp.take(rhs_TxF, dense_idx, axis=1), implementation=gemm_impl)
+  out = jnp.zeros((lhs_TxA.shape[1], F), out_sparse.dtype)
+  return out.at[:, sparse_idx].set(out_sparse, unique_indices=True).at[:, dense_idx].set(
+      out_dense.astype(out.dtype), unique_indices=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The custom_vjp.
+
+
+def _check(spec: RecipeSpec, x_TxD, w1_DxF, w2_FxD) -> None:
+  op = "sparse_ffn"
+  if jnp.ndim(x_TxD) != 2 or jnp.ndim(w1_DxF) != 2 or jnp.ndim(w2_FxD) != 2:
+    raise ValueError(f"{op}: want x (T, D), w1 (D, F), w2 (F, D), got {jnp.shape(x_TxD)}, {jnp.shape(w1_DxF)}, "
+                     f"{jnp.shape(w2_FxD)}")
+  T, D = x_TxD.shape
+  if w1_DxF.shape[0] != D or w2_FxD.shape != (w1_DxF.shape[1], D):
+    raise ValueError(f"{op}: want x (T, D), w1 (D, F), w2 (F, D), got {x_TxD.shape}, {w1_DxF.shape}, "
+                     f"{w2_FxD.shape}")
+  F = w1_DxF.shape[1]
+  if spec.activation_24 and F % 4:
+    raise ValueError(f"{op}: d_ff={F} must be a multiple of 4 for 2:4 activations")
+  if spec.weight_grads_24 and T % 4:
+    raise ValueError(f"{op}: the token count T={T} must be a multiple of 4 for the token-wise 2:4 weight gradients")
+
+
+def _relu_f32(y: jax.Array) -> jax.Array:
+  """relu in float32, or in the input's dtype if that is wider (float64 checks stay float64)."""
+  return jnp.maximum(y.astype(jnp.promote_types(y.dtype, jnp.float32)), 0.0)
+
+
+def _first_gemm(spec: RecipeSpec, x_TxD, w1_DxF):
+  """(y1, h, mask): the first GEMM and the activation (2:4 on y1 before relu^2 in the activation recipe)."""
+  y1_TxF = checkpoint_name(
+      _ops.matmul(x_TxD, w1_DxF, sparse_operand="b" if spec.sparse_w1 else None, implementation=spec.gemm_impl),
+      _ops.FFN_HIDDEN)
+  if spec.activation_24:
+    h_TxF, mask_TxF = jsparse.squared_relu_nm(y1_TxF, 2, 4, return_mask=True, implementation=spec.op_impl)
+    if jnp.dtype(y1_TxF.dtype).itemsize > 4:  # the op squares in float32; keep a float64 FFN float64
+      h_TxF = jnp.where(mask_TxF, jnp.square(_relu_f32(y1_TxF)), 0.0).astype(y1_TxF.dtype)
+  else:
+    h_TxF, mask_TxF = jnp.square(_relu_f32(y1_TxF)).astype(x_TxD.dtype), None
+  return y1_TxF, h_TxF, mask_TxF
+
+
+def _second_gemm(spec: RecipeSpec, h_TxF, w2_FxD):
+  # Only one operand of a sparse-tensor-core GEMM can be 2:4; with both sparse, the activation is the one used.
+  operand = "a" if spec.activation_24 else ("b" if spec.sparse_w2 else None)
+  return _ops.matmul(h_TxF, w2_FxD, sparse_operand=operand, implementation=spec.gemm_impl)
+
+
+def _stats(spec: RecipeSpec, y1_TxF, mask_TxF, n_dense: int) -> dict[str, jax.Array]:
+  if not spec.stats:
+    return {}
+  r_TxF = _relu_f32(jax.lax.stop_gradient(y1_TxF))
+  mass_TxF = r_TxF * r_TxF
+  total = jnp.sum(mass_TxF)
+  if mask_TxF is None:
+    dropped = jnp.zeros((), jnp.float32)
+  else:
+    dropped = jnp.sum(jnp.where(mask_TxF, 0.0, mass_TxF)) / jnp.where(total > 0, total, 1.0)
+  return dict(act_density=jnp.mean((r_TxF > 0).astype(jnp.float32)), dropped_mass=dropped,
+              dense_features=jnp.asarray(n_dense, jnp.float32))
+
+
+def _n_dense(spec: RecipeSpec, F: int) -> int:
+  if not spec.weight_grads_24:
+    return F
+  return n_dense_features(F, spec.dense_fraction, spec.dense_multiple)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recipe(spec: RecipeSpec, x_TxD, w1_DxF, w2_FxD, perm_T):
+  # Primal (no gradient requested): the token shuffle changes nothing in the forward values, so it is skipped; the
+  # residual is not stored, so a bitmask that would overflow does not drop anything either.
+  del perm_T
+  y1_TxF, h_TxF, mask_TxF = _first_gemm(spec, x_TxD, w1_DxF)
+  out_TxD = _second_gemm(spec, h_TxF, w2_FxD)
+  return out_TxD, _stats(spec, y1_TxF, mask_TxF, _n_dense(spec, w1_DxF.shape[1]))
+
+
+def _recipe_fwd(spec: RecipeSpec, x_TxD, w1_DxF, w2_FxD, perm_T):
+  dtype = x_TxD.dtype
+  xp_TxD = x_TxD if perm_T is None else permute_tokens(x_TxD, perm_T)
+  y1_TxF, h_TxF, mask_TxF = _first_gemm(spec, xp_TxD, w1_DxF)
+  stats = _stats(spec, y1_TxF, mask_TxF, _n_dense(spec, w1_DxF.shape[1]))
+
+  # The one T x F residual: r = relu(y1), masked when the mask is reused (then h = r^2 carries the mask too).
+  r32_TxF = _relu_f32(y1_TxF)
+  if mask_TxF is not None and spec.reuse_mask_in_backward:
+    r32_TxF = jnp.where(mask_TxF, r32_TxF, 0.0)
+    keep_mask = None
+  else:
+    keep_mask = mask_TxF  # the ablation: dy1 uses the unmasked r, h still needs the mask
+  r_TxF = r32_TxF.astype(dtype)
+  if spec.storage == "dense":
+    name, stored = _ops.FFN_ACT, jsparse.store_activation(r_TxF, kind="dense")
+  elif spec.storage == "24":
+    name, stored = _ops.FFN_ACT_COMPRESSED, jsparse.store_activation(r_TxF, kind="24")
+  else:
+    # The bitmask may drop values past its capacity: compute the forward from what the backward will see.
+    stored, hb_TxF = jsparse.pack_bitmask(r_TxF, spec.capacity, return_square=True,
+                                          implementation=spec.op_impl)
+    h_TxF = hb_TxF if keep_mask is None else jnp.where(keep_mask, hb_TxF, jnp.zeros((), dtype))
+    name, stored = _ops.FFN_ACT_COMPRESSED, checkpoint_name(stored, _ops.FFN_ACT_COMPRESSED)
+  # Per-feature density (fraction of tokens with a non-zero h): the 95/5 split's ranking. A T-reduction that a fused
+  # kernel gets for free in the first GEMM's epilogue; tagged like the residual so that a policy keeping the
+  # residual does not recompute x @ W1 for it.
+  positive_TxF = r32_TxF > 0 if keep_mask is None else (r32_TxF > 0) & keep_mask
+  density_F = checkpoint_name(jnp.mean(positive_TxF.astype(jnp.float32), axis=0), name)
+  if keep_mask is not None:
+    keep_mask = checkpoint_name(keep_mask, name)
+
+  outp_TxD = _second_gemm(spec, h_TxF, w2_FxD)
+  out_TxD = outp_TxD if perm_T is None else unpermute_tokens(outp_TxD, perm_T)
+  residuals = (xp_TxD, w1_DxF, w2_FxD, stored, keep_mask, density_F, perm_T)
+  return (out_TxD, stats), residuals
+
+
+def _recipe_bwd(spec: RecipeSpec, residuals, cotangents):
+  xp_TxD, w1_DxF, w2_FxD, stored, keep_mask, density_F, perm_T = residuals
+  dout_TxD, _ = cotangents  # the statistics are not differentiated
+  dtype = xp_TxD.dtype
+  F = w1_DxF.shape[1]
+  doutp_TxD = (dout_TxD if perm_T is None else permute_tokens(dout_TxD, perm_T)).astype(dtype)
+
+  r_TxF = jsparse.load_activation(stored, implementation=spec.op_impl)
+  r32_TxF = r_TxF.astype(jnp.promote_types(dtype, jnp.float32))
+  h32_TxF = r32_TxF * r32_TxF
+  if keep_mask is not None:
+    h32_TxF = jnp.where(keep_mask, h32_TxF, 0.0)
+  h_TxF = h32_TxF.astype(dtype)
+
+  dy2_TxF = _ops.matmul(doutp_TxD, w2_FxD.T, implementation=spec.gemm_impl)
+  dy1_TxF = (2.0 * dy2_TxF.astype(r32_TxF.dtype) * r32_TxF).astype(dtype)
+
+  if spec.activation_24:
+    # With the mask reused, dy1 holds at most two non-zeros in every group of four along F: already a 2:4 operand.
+    # In the ablation it does not, and the GEMM needs it pruned (by magnitude, as the reference does).
+    dy1_24_TxF = dy1_TxF if spec.reuse_mask_in_backward else jsparse.nm_prune(dy1_TxF, 2, 4,
+                                                                              implementation=spec.op_impl)
+    dxp_TxD = _ops.matmul(dy1_24_TxF, w1_DxF.T, sparse_operand="a", implementation=spec.gemm_impl)
+  else:
+    dxp_TxD = _ops.matmul(dy1_TxF, w1_DxF.T, implementation=spec.gemm_impl)
+
+  n_dense = _n_dense(spec, F)
+  strategy = spec.split_strategy
+  if strategy == "auto":
+    # Gathering the two feature sets only pays where a 2:4 kernel can run; the XLA path prunes a copy instead.
+    strategy = "masked" if spec.gemm_impl == "xla" else "gather"
+  split = functools.partial(split_weight_grad, density_F=density_F, n_dense=n_dense, strategy=strategy,
+                            op_impl=spec.op_impl, gemm_impl=spec.gemm_impl)
+  dw2_DxF = split(doutp_TxD, h_TxF)      # (h^T dout)^T with h 2:4 along T on the sparse features
+  dw1_DxF = split(xp_TxD, dy1_TxF)       # x^T dy1 with dy1 2:4 along T on the sparse features
+
+  dx_TxD = dxp_TxD if perm_T is None else unpermute_tokens(dxp_TxD, perm_T)
+  return (dx_TxD.astype(xp_TxD.dtype), dw1_DxF.astype(w1_DxF.dtype), dw2_DxF.T.astype(w2_FxD.dtype), None)
+
+
+_recipe.defvjp(_recipe_fwd, _recipe_bwd)
+
+
+def sparse_ffn(x_TxD: jax.Array, w1_DxF: jax.Array, w2_FxD: jax.Array, spec: RecipeSpec,
+               perm_T: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The sparse squared-ReLU FFN ``relu(x W1)^2 W2`` with the recipe's forward and backward (module docstring).
+
+  Args:
+    x_TxD: tokens (already flattened), in the compute dtype.
+    w1_DxF, w2_FxD: the forward weights (already soft-thresholded and scaled for S-STE), same dtype as ``x``.
+    spec: the static :class:`RecipeSpec`.
+    perm_T: optional int32 token permutation applied before the token-wise 2:4 of the weight gradients.
+
+  Returns:
+    ``(out_TxD, stats)``; ``stats`` holds float32 scalars ``act_density`` (fraction of relu(y1) > 0 before the 2:4
+    mask), ``dropped_mass`` (fraction of the relu(y1)^2 mass the 2:4 mask removed) and ``dense_features`` (features
+    whose weight-gradient rows stay dense), or is empty if ``spec.stats`` is off.
+
+  Raises:
+    ValueError: shapes that do not fit (rank, d_ff or T not multiples of 4 where 2:4 needs them).
+  """
+  _check(spec, x_TxD, w1_DxF, w2_FxD)
+  if perm_T is not None and perm_T.shape != (x_TxD.shape[0],):
+    raise ValueError(f"sparse_ffn: perm_T must have shape ({x_TxD.shape[0]},), got {perm_T.shape}")
+  return _recipe(spec, x_TxD, w1_DxF, w2_FxD, perm_T)

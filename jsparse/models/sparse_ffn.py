@@ -1,0 +1,145 @@
+"""``SparseFFN``: the squared-ReLU FFN with switchable 2:4 activation and/or S-STE weight sparsity (flax.nnx).
+
+The parameters are the dense ``w1 (D, F)`` and ``w2 (F, D)`` in both modes, so the sparse phase can be switched on
+and off between steps (``models.set_sparse``) without touching them. ``sparse`` is a static attribute: ``nnx.jit``
+compiles each mode once. Non-trainable sparsity state (the S-STE scales ``beta1``/``beta2``, the permutation RNG)
+lives in ``SparsityState`` / RNG variables and is checkpointed with the model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import jsparse
+from jsparse.models import _ops
+from jsparse.models import recipe as recipe_lib
+from jsparse.models import stats as stats_lib
+from jsparse.models.config import FFNConfig
+from jsparse.models.ffn import dense_squared_relu, flatten_tokens, init_weight
+from jsparse.models.sste import sste_beta, sste_weight
+
+DEFAULT_CONFIG = FFNConfig(kind="sparse", activation_sparsity="2:4")
+
+
+class SparsityState(nnx.Variable):
+  """Sparsity state that is saved with the model but never optimised (S-STE beta, later router centroids)."""
+
+
+def _dense_stats(x_TxD, w1_DxF, *, activation_24: bool, op_impl) -> dict[str, jax.Array]:
+  """The statistics of the dense mode (not differentiated; XLA shares ``x W1`` with the FFN's own product)."""
+  y1_TxF = jax.lax.stop_gradient(x_TxD @ w1_DxF)
+  r_TxF = jnp.maximum(y1_TxF.astype(jnp.float32), 0.0)
+  out = dict(act_density=jnp.mean((r_TxF > 0).astype(jnp.float32)), dropped_mass=jnp.zeros((), jnp.float32),
+             dense_features=jnp.asarray(w1_DxF.shape[1], jnp.float32))
+  if activation_24:
+    # What the 2:4 mask would drop if the sparse phase started now.
+    _, mask_TxF = jsparse.squared_relu_nm(y1_TxF, 2, 4, return_mask=True, implementation=op_impl)
+    mass_TxF = r_TxF * r_TxF
+    total = jnp.sum(mass_TxF)
+    out["dropped_mass"] = jnp.sum(jnp.where(mask_TxF, 0.0, mass_TxF)) / jnp.where(total > 0, total, 1.0)
+  return out
+
+
+class SparseFFN(nnx.Module):
+  """Squared-ReLU FFN with 2:4 activation sparsity (Haziza et al.) and/or 2:4 S-STE weights (Hu et al.).
+
+  With the config's sparsity off (or ``sparse=False``) it computes exactly :class:`SquaredReLUFFN`.
+
+  Args:
+    d_model, d_ff: D and F (F a multiple of 4 for 2:4 activations, D for S-STE on W1).
+    config: an :class:`FFNConfig` with ``kind="sparse"`` (default: the 2:4 activation recipe).
+    dtype: compute dtype (``None``: the input's dtype).
+    param_dtype: parameter dtype.
+    rngs: ``nnx.Rngs``; ``params`` draws the weights, ``permute`` (or the default stream) the token permutations.
+
+  Raises:
+    ValueError: a config that is not ``kind="sparse"`` or sizes that 2:4 cannot use.
+    NotImplementedError: ``activation_sparsity="vnm"`` (the routed V:N:M FFN is not wired in yet).
+  """
+
+  def __init__(self, d_model: int, d_ff: int, config: FFNConfig = DEFAULT_CONFIG, *, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if not isinstance(config, FFNConfig) or config.kind != "sparse":
+      raise ValueError(f"SparseFFN: config must be an FFNConfig with kind='sparse', got {config!r}")
+    if config.activation_sparsity == "vnm":
+      raise NotImplementedError("SparseFFN: activation_sparsity='vnm' (the neuron-routed V:N:M FFN) is not wired "
+                                "in yet; use '2:4' or None")
+    if config.activation_24 and d_ff % 4:
+      raise ValueError(f"SparseFFN: d_ff={d_ff} must be a multiple of 4 for 2:4 activations")
+    if config.sparse_w1 and d_model % 4:
+      raise ValueError(f"SparseFFN: d_model={d_model} must be a multiple of 4 for 2:4 S-STE on w1")
+    if config.sparse_w2 and d_ff % 4:
+      raise ValueError(f"SparseFFN: d_ff={d_ff} must be a multiple of 4 for 2:4 S-STE on w2")
+    self.d_model, self.d_ff = d_model, d_ff
+    self.config = config
+    self.dtype = dtype
+    self.sparse = bool(config.sparse)
+    # Same draws, same order as SquaredReLUFFN: one seed gives one set of starting weights for both.
+    self.w1 = init_weight(rngs, (d_model, d_ff), d_model ** -0.5, param_dtype)
+    self.w2 = init_weight(rngs, (d_ff, d_model), d_ff ** -0.5, param_dtype)
+    op_impl = _ops.op_implementation(config.implementation)
+    self.beta1 = SparsityState(sste_beta(self.w1[...], 0, op_impl)) if config.sparse_w1 else None
+    self.beta2 = SparsityState(sste_beta(self.w2[...], 0, op_impl)) if config.sparse_w2 else None
+    if self._permutes and config.permutation == "random":
+      # A stream of its own: "permute" if the caller made one, else a fork of the default (or params) stream.
+      name = next((n for n in ("permute", "default", "params") if n in rngs), None)
+      if name is None:
+        raise ValueError("SparseFFN: permutation='random' needs an RNG stream ('permute', 'default' or 'params')")
+      self.permute_rng = rngs[name].fork()
+    else:
+      self.permute_rng = None
+
+  @property
+  def _permutes(self) -> bool:
+    return self.config.permute_tokens and self.config.weight_grads_24
+
+  def prepare_sparse_phase(self) -> None:
+    """Fixes the S-STE scales from the current weights (call once, when the sparse phase starts)."""
+    op_impl = _ops.op_implementation(self.config.implementation)
+    if self.beta1 is not None:
+      self.beta1[...] = sste_beta(self.w1[...], 0, op_impl)
+    if self.beta2 is not None:
+      self.beta2[...] = sste_beta(self.w2[...], 0, op_impl)
+
+  def _permutation(self, T: int) -> jax.Array:
+    cfg = self.config
+    key = jax.random.key(cfg.permutation_seed) if cfg.permutation == "fixed" else self.permute_rng()
+    return jax.random.permutation(key, T).astype(jnp.int32)
+
+  def forward_weights(self, dtype=None) -> tuple[jax.Array, jax.Array]:
+    """The weights the forward GEMMs use in the current mode (``beta * S(W)`` for S-STE), in ``dtype``."""
+    cfg = self.config
+    w1, w2 = self.w1[...], self.w2[...]
+    if self.sparse:
+      op_impl = _ops.op_implementation(cfg.implementation)
+      if cfg.sparse_w1:
+        w1 = sste_weight(w1, self.beta1[...], 0, op_impl)
+      if cfg.sparse_w2:
+        w2 = sste_weight(w2, self.beta2[...], 0, op_impl)
+    dtype = dtype or w1.dtype
+    return w1.astype(dtype), w2.astype(dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``(..., D) -> (..., D)`` in the compute dtype; sows the statistics when ``config.stats``."""
+    cfg = self.config
+    x_TxD, shape = flatten_tokens(x, self.d_model, "SparseFFN")
+    dtype = self.dtype or x.dtype
+    x_TxD = x_TxD.astype(dtype)
+    w1_DxF, w2_FxD = self.forward_weights(dtype)
+    if self.sparse and cfg.has_sparsity:
+      spec = recipe_lib.RecipeSpec.from_config(cfg)
+      perm_T = self._permutation(x_TxD.shape[0]) if self._permutes else None
+      core = _ops.checkpoint(functools.partial(recipe_lib.sparse_ffn, spec=spec), cfg.remat)
+      out_TxD, stats = core(x_TxD, w1_DxF, w2_FxD, perm_T=perm_T)
+    else:
+      # Exactly SquaredReLUFFN's computation; the statistics are a separate, undifferentiated reduction.
+      out_TxD = dense_squared_relu(x_TxD, w1_DxF, w2_FxD, remat=cfg.remat, capacity=cfg.remat_capacity)
+      stats = _dense_stats(x_TxD, w1_DxF, activation_24=cfg.activation_24,
+                           op_impl=_ops.op_implementation(cfg.implementation)) if cfg.stats else {}
+    for name, value in stats.items():
+      stats_lib.sow(self, name, value)
+    return out_TxD.reshape(shape)
