@@ -93,7 +93,7 @@ class CheckpointConfig:
 class LogConfig:
   """Progress bar, JSONL metrics and TensorBoard events."""
   every: int = _field(10, "progress bar, tokens/s and per-layer statistics every this many steps")
-  eval_every: int = _field(100, "validation loss every this many steps (and at the end); 0 = only at the end")
+  eval_every: int = _field(100, "validation loss every this many steps (and at the end of each phase); 0 = only then")
   tensorboard: bool = _field(True, "write TensorBoard events (tensorboardX) under OUT_DIR/tb")
   progress: bool = _field(True, "show a tqdm progress bar")
 

@@ -397,7 +397,9 @@ def train(config: TrainConfig) -> TrainResult:
         jax.block_until_ready(out["loss"])
         interval_t0, interval_step0 = time.perf_counter(), done
       log_now = done % cfg.log.every == 0 or done == phases.steps
-      eval_now = (cfg.log.eval_every and done % cfg.log.eval_every == 0) or done == phases.steps
+      # Also at the end of each phase, so every phase's effect on the validation loss is visible.
+      eval_now = ((cfg.log.eval_every and done % cfg.log.eval_every == 0) or done == phases.steps
+                  or (phases.sparse and done in (phases.sparse_start, phases.sparse_end)))
       save_now = (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == phases.steps
       if not (log_now or eval_now or save_now):
         continue

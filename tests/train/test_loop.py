@@ -50,7 +50,8 @@ def test_phases_switch_at_the_right_steps(tmp_path, monkeypatch):
   assert sorted(losses(str(tmp_path / "run"))) == list(range(1, 13))
 
   # One compilation per mode: the dense tail reuses the warm-up's step.
-  assert result.traces == {("train", False): 1, ("train", True): 1, ("eval", False): 1}
+  assert result.traces == {("train", False): 1, ("train", True): 1, ("eval", False): 1, ("eval", True): 1}
+  assert [s for s, _ in result.val_losses] == [3, 8, 12]  # the end of each phase
   assert all(not f.sparse for f in models.phases.sparse_ffns(result.model))
   assert len(result.losses) == 12 and all(np.isfinite(result.losses))
 

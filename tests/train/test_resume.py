@@ -47,7 +47,7 @@ def test_cli_runs_end_to_end(reference):
   assert sorted(train) == list(range(1, 41))
   assert np.mean([train[s] for s in range(1, 5)]) > np.mean([train[s] for s in range(37, 41)]) + 0.5
   val = losses(out, "val_loss")
-  assert sorted(val) == [16, 32, 40]
+  assert sorted(val) == [8, 16, 24, 32, 40]  # every 16 steps and at the end of each phase
   assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["16", "24", "32", "40", "8"]
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(out, "tb")))
   with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -106,5 +106,5 @@ def test_plot_compares_runs(reference, tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   run = plot.load_run(ref_dir)
   assert [p["phase"] for p in run["phases"]] == ["dense_warmup", "sparse", "dense_tail"]
-  assert len(run["train"][0]) == 40 and len(run["val"][0]) == 3 and len(run["density"][0]) == 40
+  assert len(run["train"][0]) == 40 and len(run["val"][0]) == 5 and len(run["density"][0]) == 40
   assert plot.main([str(tmp_path / "missing"), "-o", png]) == 2
