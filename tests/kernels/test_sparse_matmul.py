@@ -260,3 +260,14 @@ def test_xla_path_f32_and_compressed_pytree():
   np.testing.assert_allclose(jax.jit(lambda c: jsparse.sparse_matmul(a, c, sparse_operand="b",
                                                                        implementation="xla"))(c2),
                              _oracle(a, b, "b"), rtol=1e-5, atol=1e-5)
+
+
+def test_search_mode_from_the_environment(monkeypatch):
+  for value, mode in (("", 0), ("0", 0), ("1", 1)):
+    monkeypatch.setenv("JSPARSE_CUSPARSELT_SEARCH", value)
+    assert api.search_mode() == mode
+  monkeypatch.delenv("JSPARSE_CUSPARSELT_SEARCH")
+  assert api.search_mode() == 0
+  monkeypatch.setenv("JSPARSE_CUSPARSELT_SEARCH", "yes")
+  with pytest.raises(ValueError, match="JSPARSE_CUSPARSELT_SEARCH must be 0 or 1"):
+    api.search_mode()

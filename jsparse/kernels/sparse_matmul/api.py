@@ -7,6 +7,11 @@
 * ``"cusparselt"`` -- the cuSPARSELt FFI path; raises if it cannot run (no CUDA GPU, nvcc or cuSPARSELt missing,
   unaligned shapes, unsupported dtype). It never silently falls back.
 * ``"xla"``        -- the pure-jnp reference (:mod:`jsparse.kernels.sparse_matmul.reference`).
+
+``JSPARSE_CUSPARSELT_SEARCH=1`` (read at trace time) runs ``cusparseLtMatmulSearch`` on the first call of each GEMM
+shape and keeps the chosen algorithm in the cached plan. jsparse's benchmark runs with it on (the project's H100
+notes found the searched algorithm faster than the default at every FFN shape); it is off by default because it
+blocks the first call of every new shape while it times each algorithm.
 """
 
 from __future__ import annotations
