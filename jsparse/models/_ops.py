@@ -49,7 +49,8 @@ def op_implementation(implementation: str | None) -> str | None:
 
 def gemm_implementation(implementation: str | None) -> str | None:
   """The ``implementation=`` for the 2:4 GEMM."""
-  return {None: None, "pallas": None, "xla": "xla", "cusparselt": "cusparselt"}[implementation]
+  # "pallas" = jsparse's Pallas sparsify kernels with XLA GEMMs (the 2:4 operands as dense arrays with zeros).
+  return {None: None, "pallas": "xla", "xla": "xla", "cusparselt": "cusparselt"}[implementation]
 
 
 def remat_policy(name: str) -> Callable[..., bool]:

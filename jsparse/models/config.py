@@ -67,8 +67,9 @@ class FFNConfig:
       ``"bitmask"`` (1/16 + ``remat_capacity`` of dense; values beyond the capacity are dropped, consistently in the
       forward and the backward).
     remat_capacity: the bitmask's values buffer as a fraction of T x F.
-    implementation: ``None`` (best available), ``"pallas"`` (Pallas sparsify kernels), ``"xla"`` (pure XLA) or
-      ``"cusparselt"`` (2:4 GEMMs through cuSPARSELt).
+    implementation: ``None`` (best available: Pallas sparsify kernels on a GPU, 2:4 GEMMs through cuSPARSELt where
+      ``jsparse.sparse_matmul`` can run them), ``"pallas"`` (Pallas sparsify kernels, plain XLA GEMMs), ``"xla"``
+      (pure XLA) or ``"cusparselt"`` (cuSPARSELt 2:4 GEMMs, best sparsify kernels; raises where it cannot run).
     sparse: whether a freshly built :class:`SparseFFN` starts in its sparse mode (``models.set_sparse`` flips it).
     stats: sow the per-layer statistics (``act_density``, ``dropped_mass``, ``dense_features``).
   """

@@ -56,6 +56,10 @@ class SparseFFN(nnx.Module):
     param_dtype: parameter dtype.
     rngs: ``nnx.Rngs``; ``params`` draws the weights, ``permute`` (or the default stream) the token permutations.
 
+  With ``permutation="random"`` each call draws a permutation from the module's RNG stream, i.e. updates module
+  state: differentiate it with flax's transforms (``nnx.grad``, ``nnx.value_and_grad``, ``nnx.jit``), not with a bare
+  ``jax.grad`` around ``nnx.merge`` (flax refuses the state update there); ``permutation="fixed"`` has no state.
+
   Raises:
     ValueError: a config that is not ``kind="sparse"`` or sizes that 2:4 cannot use.
     NotImplementedError: ``activation_sparsity="vnm"`` (the routed V:N:M FFN is not wired in yet).

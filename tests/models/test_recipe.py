@@ -268,9 +268,11 @@ def test_token_count_and_shape_errors():
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_implementations_agree(impl):
-  x, w1, w2, g = (a.astype(jnp.bfloat16) for a in _inputs(seed=14, t=64))
+  # float32: in bfloat16, XLA may fuse x @ W1 into the reference selection without rounding y1 to bfloat16 first,
+  # which flips near-tied 2:4 choices against a kernel that reads the rounded y1 -- a difference of inputs, not of ops.
+  x, w1, w2, g = _inputs(seed=14, t=64)
   want = _vjp(_spec(), x, w1, w2, g)
   with implementation(impl) as im:
-    got = _vjp(_spec(implementation=None if im == "pallas" else im), x, w1, w2, g)
+    got = _vjp(_spec(implementation=im), x, w1, w2, g)  # "pallas": the Pallas sparsify kernels, XLA GEMMs
   for a, b in zip(got, want):
-    assert_close(a, b, jnp.bfloat16)
+    assert_close(a, b)
