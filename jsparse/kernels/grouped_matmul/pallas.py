@@ -1,0 +1,330 @@
+"""Mosaic GPU (sm90) grouped GEMMs for the routed FFN: ``grouped_matmul`` (per row tile, one group's weight block)
+and ``grouped_matmul_t`` (per group, a weight-gradient block reduced over the group's rows).
+
+Both are persistent kernels (one CTA per SM walking output tiles, ``plgpu.nd_loop`` + ``planar_snake``) with two
+interchangeable tile engines:
+
+* **warp-specialised** (default; after ``jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py``, the production Hopper
+  matmul shipped with JAX 0.10/0.11): one TMA warpgroup feeds two wgmma warpgroups side by side along N through
+  ``stages`` swizzled SMEM buffers; the epilogue goes registers -> SMEM -> TMA store in ``epi_tile`` pieces.
+* **simple** (after ``ragged_dot_mgpu.py``): one warpgroup, ``plgpu.emit_pipeline`` with ``delay_release=1``.
+
+What is specific to the routed FFN:
+
+* The group of an output tile is read from GMEM (``tile_group`` / ``group_tile_start``) and only moves the weight
+  block's offset, so tokens sorted by group and padded to ``tile_m`` rows need no row masks; an unused tile or an
+  empty group runs a 0-step pipeline (a dynamic grid) and stores zeros.
+* The weight is one 2-D array with contiguous group blocks, read in place (no ``[E, K, N]`` copy), optionally
+  through a transposed SMEM view (the backward's ``dY @ W^T``).
+* Epilogues: ``square_relu`` (relu^2 fused into the up-projection) and ``square_relu_grad`` (``2 sqrt(h) * acc``, the
+  squared-ReLU derivative fused into ``dH = dOut @ W2^T``; ``h`` is TMA-loaded into the output SMEM buffer).
+
+CPU: the kernels run in Pallas' Mosaic GPU interpreter (``InterpretGPUParams``) inside
+:func:`jsparse.pallas_interpret`, except transposed wgmma operands, which that interpreter does not implement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+_MEMORY_REGISTERS = 40
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+  """Static tile shape of one kernel call.
+
+  A CTA computes ``tile_m x cta_n`` outputs (``cta_n = 2 tile_n`` with two compute warpgroups when
+  ``warp_specialized``), ``tile_k`` deep per pipeline stage, ``stages`` stages in flight. For ``grouped_matmul``
+  ``tile_m`` is also the row alignment of the group layout (``row_tile``).
+  """
+
+  tile_m: int = 128
+  tile_n: int = 128
+  tile_k: int = 64
+  stages: int = 4
+  epi_tile_m: int = 64
+  epi_tile_n: int = 64
+  grid_minor_dim: int = 1  # planar_snake: 0 walks M fastest, 1 walks N fastest
+  grid_tile_width: int = 1
+  warp_specialized: bool = True
+  dynamic_grid: bool = True  # grouped_matmul: unused tiles run 0 steps (False: they multiply and are zeroed)
+
+  @property
+  def compute_wgs(self) -> int:
+    return 2 if self.warp_specialized else 1
+
+  @property
+  def cta_n(self) -> int:
+    return self.compute_wgs * self.tile_n
+
+
+def _interpret_params(interpret: bool):
+  if not interpret:
+    return None
+  cls = getattr(plgpu, "InterpretGPUParams", None)  # exported from JAX 0.11
+  if cls is None:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls  # JAX 0.10
+  return cls()
+
+
+def _num_sms(interpret: bool) -> int:
+  if interpret:
+    return 2  # the interpreter simulates every CTA; two exercise the persistent loop
+  return getattr(jax.devices()[0], "core_count", None) or 132
+
+
+def _transforms(dtype, minor_elems: int):
+  swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
+  elems = swizzle // jnp.dtype(dtype).itemsize
+  return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+
+
+def _check_tiles(op, cfg: TileConfig, **dims):
+  for name, (size, tile) in dims.items():
+    if size % tile:
+      raise ValueError(f"{op}: {name}={size} is not a multiple of the tile {tile} ({cfg})")
+
+
+def _epilogue_math(acc, epilogue, out_dtype):
+  if epilogue == "square_relu":
+    acc = jnp.square(jnp.maximum(acc, 0.0))
+  return acc if epilogue == "square_relu_grad" else acc.astype(out_dtype)
+
+
+def _kept(acc, keep):
+  return acc if keep is None else acc * keep.astype(jnp.float32)
+
+
+def _launch(body, out_shape, out_dtype, cfg: TileConfig, interpret: bool):
+  kwargs = dict(num_threads=cfg.compute_wgs + 1, thread_name="wg") if cfg.warp_specialized else {}
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+      grid=(_num_sms(interpret),),
+      grid_names=("sm",),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=_interpret_params(interpret),
+      **kwargs,
+  )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tile engines. ``tile_fn(lin) -> (steps, a_map, b_map, out_rows, out_cols, keep)`` describes output tile ``lin``: its
+# pipeline length, the block index maps of the two operands, the CTA's output window (pl.ds slices) and whether the
+# result is kept (``None``: always; else a bool scalar, False stores zeros);
+# ``operands(a_smem, b_smem, cols) -> (a, b)`` are the wgmma operands for the compute warpgroup owning ``cols``.
+
+
+def _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, tile_fn, operands, cfg, epilogue):
+  dtype, out_dtype = a_gmem.dtype, out_gmem.dtype
+  tm, tn = cfg.tile_m, cfg.tile_n
+  wgs = cfg.compute_wgs
+  slots = min(2, (tm // cfg.epi_tile_m) * (tn // cfg.epi_tile_n))
+
+  def pipeline(body, compute_context, a_map, b_map, steps):
+    return plgpu.emit_pipeline_warp_specialized(
+        body, grid=(steps,), memory_registers=_MEMORY_REGISTERS, wg_axis="wg", num_compute_wgs=wgs,
+        max_concurrent_steps=cfg.stages, compute_context=compute_context,
+        in_specs=[
+            plgpu.BlockSpec(a_block, a_map, transforms=_transforms(dtype, a_block[1]), memory_space=plgpu.SMEM),
+            plgpu.BlockSpec(b_block, b_map, transforms=_transforms(dtype, b_block[1]), memory_space=plgpu.SMEM),
+        ])
+
+  ignore = lambda *_, **__: None
+  # Buffers depend only on the block shapes: allocate them once for all tiles (hopper_matmul_mgpu's pattern).
+  allocs = pipeline(ignore, ignore, lambda k: (k, 0), lambda k: (k, 0), cfg.stages).get_allocations(a_gmem, b_gmem)
+  scratch = dict(
+      pipeline_allocs=allocs,
+      out_smem=plgpu.SMEM((wgs, slots, cfg.epi_tile_m, cfg.epi_tile_n), out_dtype,
+                          transforms=_transforms(out_dtype, cfg.epi_tile_n)),
+      aux_barrier=plgpu.Barrier(num_barriers=wgs * slots) if aux_gmem is not None else None,
+  )
+
+  @functools.partial(pl.run_scoped, **scratch, collective_axes="wg")
+  def _scope(pipeline_allocs, out_smem, aux_barrier):
+    wg_idx = lax.axis_index("wg")
+    cols = pl.ds(wg_idx * tn, tn)
+
+    @plgpu.nd_loop((n_tiles,), collective_axes="sm")
+    def _tile_loop(loop_info):
+      (lin,) = loop_info.index
+      steps, a_map, b_map, out_rows, out_cols, keep = tile_fn(lin)
+      out_tile = out_gmem.at[out_rows, out_cols].at[:, cols]
+      aux_tile = aux_gmem.at[out_rows, out_cols].at[:, cols] if aux_gmem is not None else None
+
+      def compute_context(eval_pipeline):
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
+        def _acc_scope(acc_ref):
+          eval_pipeline(acc_ref)
+          acc = _epilogue_math(_kept(acc_ref[...], keep), epilogue, out_dtype)
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          n_epi = tn // cfg.epi_tile_n
+          for mi in range(tm // cfg.epi_tile_m):
+            for ni in range(n_epi):
+              ms = slice(mi * cfg.epi_tile_m, (mi + 1) * cfg.epi_tile_m)
+              ns = slice(ni * cfg.epi_tile_n, (ni + 1) * cfg.epi_tile_n)
+              slot = (mi * n_epi + ni) % slots
+              plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+              if aux_tile is not None:
+                barrier = aux_barrier.at[wg_idx * slots + slot]
+                plgpu.copy_gmem_to_smem(aux_tile.at[ms, ns], out_smem.at[wg_idx, slot], barrier)
+                plgpu.barrier_wait(barrier)
+                h = out_smem[wg_idx, slot].astype(jnp.float32)
+                out_smem[wg_idx, slot] = (acc[ms, ns] * 2.0 * jnp.sqrt(h)).astype(out_dtype)
+              else:
+                out_smem[wg_idx, slot] = acc[ms, ns]
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, slot], out_tile.at[ms, ns])
+
+      def mma(_, a_smem, b_smem, acc_ref):
+        plgpu.wgmma(acc_ref, *operands(a_smem, b_smem, cols))
+        plgpu.wgmma_wait(0)
+        return acc_ref
+
+      pipeline(mma, compute_context, a_map, b_map, steps)(a_gmem, b_gmem, allocations=pipeline_allocs)
+
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _run_simple(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, tile_fn, operands, cfg, epilogue):
+  dtype, out_dtype = a_gmem.dtype, out_gmem.dtype
+  tm, tn = cfg.tile_m, cfg.tile_n
+  cols = slice(None)
+
+  @plgpu.nd_loop((n_tiles,), collective_axes="sm")
+  def _tile_loop(loop_info):
+    (lin,) = loop_info.index
+    steps, a_map, b_map, out_rows, out_cols, keep = tile_fn(lin)
+
+    def acc_scope(acc_ref):
+      plgpu.emit_pipeline(
+          lambda _, a_smem, b_smem: plgpu.wgmma(acc_ref, *operands(a_smem, b_smem, cols)),
+          grid=(steps,),
+          in_specs=[
+              plgpu.BlockSpec(a_block, a_map, transforms=_transforms(dtype, a_block[1]), delay_release=1),
+              plgpu.BlockSpec(b_block, b_map, transforms=_transforms(dtype, b_block[1]), delay_release=1),
+          ],
+          max_concurrent_steps=cfg.stages,
+      )(a_gmem, b_gmem)
+      return acc_ref[...]
+
+    acc = pl.run_scoped(acc_scope, plgpu.ACC((tm, tn), jnp.float32))
+    acc = _epilogue_math(_kept(acc, keep), epilogue, out_dtype)
+
+    @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tm, tn), out_dtype, transforms=_transforms(out_dtype, tn)),
+                       barrier=plgpu.Barrier(num_barriers=1))
+    def _store(o_smem, barrier):
+      if aux_gmem is not None:
+        plgpu.copy_gmem_to_smem(aux_gmem.at[out_rows, out_cols], o_smem, barrier.at[0])
+        plgpu.barrier_wait(barrier.at[0])
+        o_smem[...] = (acc * 2.0 * jnp.sqrt(o_smem[...].astype(jnp.float32))).astype(out_dtype)
+      else:
+        o_smem[...] = acc
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[out_rows, out_cols])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _run(*args, cfg, **kwargs):
+  return (_run_ws if cfg.warp_specialized else _run_simple)(*args, cfg=cfg, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# grouped_matmul: out[P, N] = epilogue(lhs[P, K] @ B_group(tile)).
+
+
+def grouped_matmul(lhs_PxK, rhs, tile_group_R, aux_PxN=None, *, num_groups: int, group_axis: str,
+                   transpose_rhs: bool, epilogue: str | None, cfg: TileConfig = TileConfig(),
+                   interpret: bool = False):
+  """See ``reference.grouped_matmul``; ``tile_group_R`` has one entry per ``cfg.tile_m`` rows."""
+  P, K = lhs_PxK.shape
+  E = num_groups
+  n_total = rhs.shape[0] if transpose_rhs else rhs.shape[1]
+  N = n_total // E if group_axis == "n" else n_total
+  _check_tiles("grouped_matmul", cfg, rows=(P, cfg.tile_m), K=(K, cfg.tile_k), N=(N, cfg.cta_n))
+  dtype = lhs_PxK.dtype
+  tm, tk, cta_n = cfg.tile_m, cfg.tile_k, cfg.cta_n
+  m_iters, n_iters, k_iters = P // tm, N // cta_n, K // tk
+  b_block = (cta_n, tk) if transpose_rhs else (tk, cta_n)
+  has_aux = epilogue == "square_relu_grad"
+
+  def body(tile_group_gmem, a_gmem, b_gmem, *refs):
+    aux_gmem, out_gmem = refs if has_aux else (None, refs[0])
+
+    def tile_fn(lin):
+      m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), cfg.grid_minor_dim, cfg.grid_tile_width)
+      group = tile_group_gmem[m_idx]
+      g = jnp.minimum(group, E - 1)
+      if cfg.dynamic_grid:
+        steps, keep = jnp.where(group < E, k_iters, 0).astype(jnp.int32), None  # unused tile: no MMA, zeros stored
+      else:
+        steps, keep = k_iters, group < E
+      if group_axis == "n":
+        nb = g * n_iters + n_idx
+        b_map = (lambda k: (nb, k)) if transpose_rhs else (lambda k: (k, nb))
+      else:
+        kb = g * k_iters
+        b_map = (lambda k: (n_idx, kb + k)) if transpose_rhs else (lambda k: (kb + k, n_idx))
+      return steps, (lambda k: (m_idx, k)), b_map, pl.ds(m_idx * tm, tm), pl.ds(n_idx * cta_n, cta_n), keep
+
+    def operands(a_smem, b_smem, cols):
+      if transpose_rhs:
+        return a_smem, b_smem.at[cols, :].transpose((1, 0))
+      return a_smem, b_smem.at[:, cols]
+
+    _run(a_gmem, b_gmem, out_gmem, aux_gmem, n_tiles=m_iters * n_iters, a_block=(tm, tk), b_block=b_block,
+         tile_fn=tile_fn, operands=operands, cfg=cfg, epilogue=epilogue)
+
+  kernel = _launch(body, (P, N), dtype, cfg, interpret)
+  args = (tile_group_R.astype(jnp.int32), lhs_PxK, rhs.astype(dtype))
+  return kernel(*args, aux_PxN.astype(dtype)) if has_aux else kernel(*args)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# grouped_matmul_t: per group g, lhs[rows_g].T @ rhs[rows_g] (the weight gradients).
+
+
+def grouped_matmul_t(lhs_PxM, rhs_PxN, group_tile_start_E, group_tiles_E, *, row_tile: int, group_axis: str,
+                     cfg: TileConfig = TileConfig(), interpret: bool = False):
+  """See ``reference.grouped_matmul_t``; groups are row ranges in units of ``row_tile`` rows."""
+  P, M = lhs_PxM.shape
+  N = rhs_PxN.shape[1]
+  E = group_tile_start_E.shape[0]
+  _check_tiles("grouped_matmul_t", cfg, M=(M, cfg.tile_m), N=(N, cfg.cta_n), row_tile=(row_tile, cfg.tile_k))
+  dtype = lhs_PxM.dtype
+  tm, tk, cta_n = cfg.tile_m, cfg.tile_k, cfg.cta_n
+  m_iters, n_iters = M // tm, N // cta_n
+  k_per_tile = row_tile // tk
+  out_shape = (M, E * N) if group_axis == "n" else (E * M, N)
+
+  def body(start_gmem, tiles_gmem, a_gmem, b_gmem, out_gmem):
+    def tile_fn(lin):
+      # Group-major order: the CTAs working at the same time share one group's rows in L2.
+      g = lax.div(lin, m_iters * n_iters)
+      m_idx, n_idx = plgpu.planar_snake(lax.rem(lin, m_iters * n_iters), (m_iters, n_iters), cfg.grid_minor_dim,
+                                        cfg.grid_tile_width)
+      kb = start_gmem[g] * k_per_tile
+      steps = (tiles_gmem[g] * k_per_tile).astype(jnp.int32)  # empty group: no MMA, zeros stored
+      if group_axis == "n":
+        rows, out_cols = pl.ds(m_idx * tm, tm), pl.ds((g * n_iters + n_idx) * cta_n, cta_n)
+      else:
+        rows, out_cols = pl.ds((g * m_iters + m_idx) * tm, tm), pl.ds(n_idx * cta_n, cta_n)
+      return steps, (lambda k: (kb + k, m_idx)), (lambda k: (kb + k, n_idx)), rows, out_cols, None
+
+    def operands(a_smem, b_smem, cols):
+      return a_smem.transpose((1, 0)), b_smem.at[:, cols]
+
+    _run(a_gmem, b_gmem, out_gmem, None, n_tiles=E * m_iters * n_iters, a_block=(tk, tm), b_block=(tk, cta_n),
+         tile_fn=tile_fn, operands=operands, cfg=cfg, epilogue=None)
+
+  kernel = _launch(body, out_shape, dtype, cfg, interpret)
+  return kernel(group_tile_start_E.astype(jnp.int32), group_tiles_E.astype(jnp.int32), lhs_PxM,
+                rhs_PxN.astype(dtype))
