@@ -27,6 +27,17 @@ from jsparse.kernels.sparse_matmul.api import squared_relu_24_compress as square
 from jsparse.kernels.sparse_matmul.compressed import Compressed24 as Compressed24
 from jsparse.kernels.vnm.api import vnm_mask as vnm_mask
 from jsparse.kernels.vnm.api import vnm_prune as vnm_prune
+from jsparse.kernels.grouped_matmul.api import grouped_matmul as grouped_matmul
+from jsparse.kernels.grouped_matmul.api import grouped_matmul_t as grouped_matmul_t
+from jsparse.kernels.routed_ffn.api import routed_ffn as routed_ffn
+from jsparse.router import RouterConfig as RouterConfig
+from jsparse.router import RouterState as RouterState
+from jsparse.router import captured_mass as captured_mass
+from jsparse.router import neuron_groups as neuron_groups
+from jsparse.router import route_tokens as route_tokens
+from jsparse.router import router_init as router_init
+from jsparse.router import router_recluster as router_recluster
+from jsparse.router import router_update as router_update
 from jsparse.remat import load_activation as load_activation
 from jsparse.remat import remat_policy as remat_policy
 from jsparse.remat import squared_relu_ffn as squared_relu_ffn
