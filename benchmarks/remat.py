@@ -118,11 +118,13 @@ def bench_kernels(T, F, zeros_list, sweep: bool):
       configs += [(16, 1024, 8), (4, 1024, 4), (8, 512, 4), (4, 2048, 8)]
     for br, bc, nw in configs:
       kw = dict(block_rows=br, block_cols=bc, num_warps=nw, interpret=_INTERPRET)
-      tag = dict(blocks=f"{br or kernels.default_blocks((T, F))[0]}x{bc or kernels.default_blocks((T, F))[1]}",
-                 warps=nw)
+      def tag_for(kernel, br=br, bc=bc, nw=nw):
+        d = kernels.default_blocks((T, F), kernel)
+        return dict(blocks=f"{br or d[0]}x{bc or d[1]}", warps=nw)
+      tag = tag_for("pack")
       try:
         f_count = jax.jit(lambda a, kw=kw: kernels.count(a, relu=True, **kw))
-        add("count", _time(f_count, y), n * 2, **tag)
+        add("count", _time(f_count, y), n * 2, **tag_for("count"))
         f_pack = jax.jit(lambda a, o, kw=kw: kernels.pack(a, o, cap, relu=True, square_out=True, **kw))
         bits, values, h = f_pack(y, offsets)
         add("pack_relu_square", _time(f_pack, y, offsets), n * 2 + n * 2 + bits_bytes + values_bytes, **tag)
