@@ -57,6 +57,8 @@ def parse_args(argv=None):
   p.add_argument("--scaling-only", action="store_true", help="only the 1 vs N devices measurement")
   p.add_argument("--scaling-mode", default="dense", help="FFN mode for the scaling measurement")
   p.add_argument("--scaling-layers", type=int, default=None, help="layers for the scaling measurement")
+  p.add_argument("--max-seconds", type=float, default=None,
+                 help="stop starting new configurations after this long (they are recorded as skipped)")
   return p.parse_args(argv)
 
 
@@ -108,8 +110,17 @@ def measure(cfg, iters: int, modes=("sparse", "dense")) -> dict[str, float]:
     ms, state = time_steps(step_fn, state, tokens, iters)
     out[f"{mode}_ms"] = ms
     out[f"{mode}_wall_s"] = time.perf_counter() - t0
+    print(f"train_step:   ffn={cfg.ffn} remat={model_config.remat} mesh={cfg.mesh.data}x{cfg.mesh.fsdp} "
+          f"{mode} mode: {ms:.2f} ms/step ({out[f'{mode}_wall_s']:.0f} s with compilation)", flush=True)
   del state
   return out
+
+
+_T0 = time.perf_counter()
+
+
+def _out_of_time(args) -> bool:
+  return args.max_seconds is not None and time.perf_counter() - _T0 > args.max_seconds
 
 
 def _free():
@@ -156,6 +167,10 @@ def run_modes(args, records: list, table: list) -> None:
       config = dict(preset=args.preset, layers=layers, batch=batch, seq=args.seq, tokens_per_step=tokens, mode=mode,
                     remat=remat, implementation=args.implementation or "default")
       base_tps = tokens / base_ms * 1e3
+      if _out_of_time(args):
+        records.append(skipped(config, "time budget (--max-seconds) used up", base_tps))
+        _util.write_results(args.out, records)
+        continue
       if mode == "dense":
         m = dense[remat]
         sparse_ms, dense_mode_ms = m["dense_ms"], m["dense_ms"]
@@ -182,6 +197,7 @@ def run_modes(args, records: list, table: list) -> None:
                          vs_dense_no_remat=(tps / (tokens / dense["none"]["dense_ms"] * 1e3)
                                             if "none" in dense else None))
       records.append(rec)
+      _util.write_results(args.out, records)  # after every configuration: a run cut short keeps what it measured
       table.append(dict(mode=mode, remat=remat, step_ms=sparse_ms, dense_mode_ms=dense_mode_ms, tokens_per_s=tps,
                         vs_dense=rec["ratio"]))
   project(records, table, tokens)

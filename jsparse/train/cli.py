@@ -123,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     print(f"jsparse-train: error: {e}", file=sys.stderr)
     return 2
+  if result.start_step == result.final_step:
+    print(f"jsparse-train: nothing to do: the run in {result.run_dir} already finished step {result.final_step}")
+    return 0
   final_val = result.val_losses[-1][1] if result.val_losses else float("nan")
   final_train = result.losses[-1] if result.losses else float("nan")
   print(f"jsparse-train: finished step {result.final_step} in {result.wall_s:.1f} s: train loss {final_train:.4f}, "

@@ -91,6 +91,7 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, env):
   # A finished run resumed again has nothing left to do.
   again = run_cli(["--preset", "tiny", "--out", out, "--resume", *overrides_args(RUN)], env)
   assert again.returncode == 0 and "resumed from the checkpoint at step 40" in again.stderr
+  assert "nothing to do" in again.stdout
 
 
 def _final_checksums(run_dir):
