@@ -210,7 +210,8 @@ def _replace_path(obj: Any, path: list[str], value: Any, key: str) -> Any:
       raise ValueError(f"train config: {key!r}: {head!r} has no sub-keys")
     return dataclasses.replace(obj, **{head: _replace_path(current, path[1:], value, key)})
   if dataclasses.is_dataclass(current):
-    raise ValueError(f"train config: {key!r} is a group; set one of its keys, e.g. {key}.{dataclasses.fields(current)[0].name}")
+    example = f"{key}.{dataclasses.fields(current)[0].name}"
+    raise ValueError(f"train config: {key!r} is a group; set one of its keys, e.g. {example}")
   hint = typing.get_type_hints(type(obj))[head]
   return dataclasses.replace(obj, **{head: coerce(value, hint, key)})
 

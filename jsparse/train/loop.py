@@ -98,7 +98,8 @@ def build_model_config(config: TrainConfig):
       inner_names = {f.name for f in dataclasses.fields(inner)}
       for k in sub:
         if k not in inner_names:
-          raise ValueError(f"train config: unknown model key 'model.{head}.{k}'; keys: {', '.join(sorted(inner_names))}")
+          raise ValueError(f"train config: unknown model key 'model.{head}.{k}'; "
+                           f"keys: {', '.join(sorted(inner_names))}")
       top[head] = dataclasses.replace(inner, **sub)
     return dataclasses.replace(base, **top)
   except TypeError as e:
