@@ -85,69 +85,105 @@ def _rel_err(a, b):
   return round(max(errs), 5)
 
 
-def timed(fn, *args, iters=10):
+def timed(fn, *args, iters=6):
   return _util.time_fn(fn, *args, warmup=2, iters=iters, rounds=3)
 
 
-def bench_shape(name, E_list, records, impls, log):
+_SHAPE_CACHE = {}
+
+
+def shape_setup(name, log):
+  """Tokens, weights and the dense baseline of a shape (measured once per process)."""
+  if name not in _SHAPE_CACHE:
+    T, D, F = SHAPES[name]
+    x, w1, w2 = trained_like(T, D, F, jax.random.key(0))
+    t_dense = {"fwd": timed(jax.jit(dense_ffn), x, w1, w2), "fwd+bwd": timed(fwd_bwd(dense_ffn), x, w1, w2)}
+    log(f"[{name}] dense fwd {t_dense['fwd']:.3f} ms, fwd+bwd {t_dense['fwd+bwd']:.3f} ms")
+    _SHAPE_CACHE[name] = (x, w1, w2, t_dense)
+  return _SHAPE_CACHE[name]
+
+
+def bench_config(name, E, records, impls, log):
   T, D, F = SHAPES[name]
-  x, w1, w2 = trained_like(T, D, F, jax.random.key(0))
-  dense_f = jax.jit(dense_ffn)
-  dense_fb = fwd_bwd(dense_ffn)
-  t_dense = {"fwd": timed(dense_f, x, w1, w2), "fwd+bwd": timed(dense_fb, x, w1, w2)}
-  log(f"[{name}] dense fwd {t_dense['fwd']:.3f} ms, fwd+bwd {t_dense['fwd+bwd']:.3f} ms")
-  for E in E_list:
-    cfg = rt.RouterConfig(num_groups=E, block=ROW_TILE, kmeans_iters=10)
-    init = jax.jit(functools.partial(rt.router_init, config=cfg))
-    state = jax.block_until_ready(init(w1, key=jax.random.key(1)))
-    recluster = jax.jit(functools.partial(rt.router_recluster, config=cfg))
-    t_recluster = timed(recluster, state, w1, iters=2)
-    groups = jax.jit(functools.partial(rt.route_tokens, config=cfg))(x, state)
-    counts = np.bincount(np.asarray(groups), minlength=E)
-    mass = float(jax.jit(rt.captured_mass)(x, w1, state, groups))
-    rnd = jax.random.randint(jax.random.key(2), (T,), 0, E)
-    mass_rnd = float(jax.jit(rt.captured_mass)(x, w1, state, rnd))
-    cap = int(-(-counts.max() // ROW_TILE) * ROW_TILE)
-    info = dict(captured_mass=round(mass, 4), captured_mass_random_groups=round(mass_rnd, 4),
-                group_max_over_mean=round(float(counts.max() / counts.mean()), 3),
-                empty_groups=int((counts == 0).sum()), recluster_ms=round(t_recluster, 3))
-    log(f"[{name} E={E}] counts min/mean/max {counts.min()}/{counts.mean():.0f}/{counts.max()} "
-        f"captured mass {mass:.3f} (random groups {mass_rnd:.3f}) recluster {t_recluster:.1f} ms")
-    times, outs = {}, {}
-    for impl in impls:
-      kw = dict(implementation="pallas" if impl == "ours" else impl)
-      if impl == "einsum":
-        kw["capacity"] = cap
-      if impl == "ours_grouped_weights":
-        kw = dict(implementation="pallas", weights_grouped=True)
+  x, w1, w2, t_dense = shape_setup(name, log)
+  cfg = rt.RouterConfig(num_groups=E, block=ROW_TILE, kmeans_iters=10)
+  init = jax.jit(lambda w, k: rt.router_init(w, cfg, k))
+  # k-means++ and 10 balanced Lloyd iterations: what a re-clustering costs (it runs every k steps, not per step).
+  t_recluster = timed(init, w1, jax.random.key(1), iters=2)
+  state = init(w1, jax.random.key(1))
+  rnd = jax.random.randint(jax.random.key(2), (T,), 0, E)
 
-      def f(x, w1, w2, kw=kw):
-        return rf_api.routed_ffn(x, w1, w2, state, cfg, row_tile=ROW_TILE, **kw)
+  @jax.jit
+  def route_and_mass(x, w1, state, rnd):
+    groups = rt.route_tokens(x, state, cfg)
+    return groups, rt.captured_mass(x, w1, state, groups), rt.captured_mass(x, w1, state, rnd)
 
-      for pass_name, fn in (("fwd", jax.jit(f)), ("fwd+bwd", fwd_bwd(f))):
-        try:
-          t = timed(fn, x, w1, w2)
-        except Exception as e:  # a failing variant must not stop the others from being measured
-          log(f"[{name} E={E}] {impl} {pass_name} FAILED: {type(e).__name__}: {str(e)[:300]}")
-          traceback.print_exc(limit=3)
-          continue
-        times[(impl, pass_name)] = t
-        if pass_name == "fwd+bwd":
-          outs[impl] = fn(x, w1, w2)
-        conf = dict(shape=name, T=T, D=D, F=F, E=E, dtype="bfloat16", pass_=pass_name, impl=impl)
-        conf["pass"] = conf.pop("pass_")
-        extra = dict(info)
-        if impl == "ours" and ("einsum", pass_name) in times:
-          extra["vs_einsum"] = round(times[("einsum", pass_name)] / t, 3)
-        if impl.startswith("ours") and pass_name == "fwd+bwd" and "einsum" in outs:
-          extra["max_rel_err_vs_einsum"] = _rel_err(outs[impl], outs["einsum"])
-        goal = GOALS.get((name, E)) if (impl == "ours" and pass_name == "fwd+bwd") else None
-        if goal is not None:
-          extra["goal"] = goal
-        records.append(_util.record("routed_ffn", config=conf, metric="time", baseline="xla_dense", ours=t,
-                                    base=t_dense[pass_name], **extra))
-        log(f"[{name} E={E}] {impl:22s} {pass_name:8s} {t:8.3f} ms  {t_dense[pass_name] / t:5.2f}x dense"
-            + (f"  {extra['vs_einsum']:.2f}x einsum" if "vs_einsum" in extra else ""))
+  groups, mass, mass_rnd = route_and_mass(x, w1, state, rnd)
+  mass, mass_rnd = float(mass), float(mass_rnd)
+  counts = np.bincount(np.asarray(groups), minlength=E)
+  cap = int(-(-counts.max() // ROW_TILE) * ROW_TILE)
+  # Weights kept in router order: the re-layout (W1, W2 and two float32 Adam moments each) at every re-clustering.
+  settled, perm = rt.settle_permutation(state)
+  w1g, w2g = rt.take_neurons(w1, perm, 1), rt.take_neurons(w2, perm, 0)
+  moments = [jnp.zeros(w1.shape, jnp.float32)] * 2 + [jnp.zeros(w2.shape, jnp.float32)] * 2
+  relayout = jax.jit(lambda ws, p: [rt.take_neurons(w, p, 1 if w.shape == w1.shape else 0) for w in ws])
+  t_relayout = timed(relayout, [w1, w2, *moments], perm, iters=2)
+  info = dict(captured_mass=round(mass, 4), captured_mass_random_groups=round(mass_rnd, 4),
+              group_max_over_mean=round(float(counts.max() / counts.mean()), 3),
+              empty_groups=int((counts == 0).sum()), recluster_ms=round(t_recluster, 3),
+              relayout_ms=round(t_relayout, 3))
+  log(f"[{name} E={E}] counts min/mean/max {counts.min()}/{counts.mean():.0f}/{counts.max()} "
+      f"captured mass {mass:.3f} (random groups {mass_rnd:.3f}) recluster {t_recluster:.1f} ms "
+      f"relayout {t_relayout:.2f} ms")
+  times, outs = {}, {}
+  for impl in impls:
+    if impl == "einsum_equal_groups" and E != 8:
+      continue
+    kw = dict(implementation="pallas" if impl == "ours" else impl)
+    st, a1, a2 = state, w1, w2
+    if impl == "einsum":
+      kw["capacity"] = cap
+    if impl == "einsum_equal_groups":
+      # Not a router: token t -> group t mod E, so every group has exactly T/E tokens (the idealised bound).
+      kw = dict(implementation="einsum", capacity=-(-T // E // ROW_TILE) * ROW_TILE,
+                groups=jnp.arange(T, dtype=jnp.int32) % E)
+    if impl == "ours_grouped_weights":
+      kw = dict(implementation="pallas", weights_grouped=True)
+      st, a1, a2 = settled, w1g, w2g
+
+    def f(x, w1, w2, kw=kw, st=st):
+      return rf_api.routed_ffn(x, w1, w2, st, cfg, row_tile=ROW_TILE, **kw)
+
+    for pass_name, fn in (("fwd", jax.jit(f)), ("fwd+bwd", fwd_bwd(f))):
+      try:
+        t = timed(fn, x, a1, a2)
+      except Exception as e:  # a failing variant must not stop the others from being measured
+        log(f"[{name} E={E}] {impl} {pass_name} FAILED: {type(e).__name__}: {str(e)[:300]}")
+        traceback.print_exc(limit=3)
+        continue
+      times[(impl, pass_name)] = t
+      if pass_name == "fwd+bwd" and impl != "einsum_equal_groups":
+        outs[impl] = fn(x, a1, a2)
+        if impl == "ours_grouped_weights":  # grads back in the original neuron order, to compare
+          inv = jnp.argsort(perm)
+          loss, (dx, d1, d2) = outs[impl]
+          outs[impl] = (loss, (dx, rt.take_neurons(d1, inv, 1), rt.take_neurons(d2, inv, 0)))
+      conf = dict(shape=name, T=T, D=D, F=F, E=E, dtype="bfloat16", pass_=pass_name, impl=impl)
+      conf["pass"] = conf.pop("pass_")
+      extra = dict(info)
+      if impl.startswith("ours") and ("einsum", pass_name) in times:
+        extra["vs_einsum"] = round(times[("einsum", pass_name)] / t, 3)
+      if impl.startswith("ours") and ("einsum_equal_groups", pass_name) in times:
+        extra["vs_einsum_equal_groups"] = round(times[("einsum_equal_groups", pass_name)] / t, 3)
+      if impl.startswith("ours") and pass_name == "fwd+bwd" and "einsum" in outs and impl in outs:
+        extra["max_rel_err_vs_einsum"] = _rel_err(outs[impl], outs["einsum"])
+      goal = GOALS.get((name, E)) if (impl.startswith("ours") and pass_name == "fwd+bwd") else None
+      if goal is not None:
+        extra["goal"] = goal
+      records.append(_util.record("routed_ffn", config=conf, metric="time", baseline="xla_dense", ours=t,
+                                  base=t_dense[pass_name], **extra))
+      log(f"[{name} E={E}] {impl:22s} {pass_name:8s} {t:8.3f} ms  {t_dense[pass_name] / t:5.2f}x dense"
+          + (f"  {extra['vs_einsum']:.2f}x einsum" if "vs_einsum" in extra else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -257,7 +293,7 @@ def main(argv=None):
   p.add_argument("--out", required=True)
   p.add_argument("--shapes", default="1b,7b")
   p.add_argument("--experts", default="2,4,8,16")
-  p.add_argument("--impls", default="ragged_dot,einsum,ours")
+  p.add_argument("--impls", default="ragged_dot,einsum,einsum_equal_groups,ours,ours_grouped_weights")
   p.add_argument("--sweep", action="store_true")
   p.add_argument("--sweep-configs", default=",".join(SWEEP_CONFIGS))
   p.add_argument("--no-bench", action="store_true")
@@ -276,13 +312,18 @@ def main(argv=None):
     _util.write_results(os.path.splitext(args.out)[0] + "_sweep.json", sweep)
   records = []
   if not args.no_bench:
-    for name in args.shapes.split(","):
-      bench_shape(name, [int(e) for e in args.experts.split(",")], records, args.impls.split(","), log)
-    _util.write_results(args.out, records)
+    # The goal configurations first; the results file is rewritten after each one (a time limit keeps what ran).
+    order = {8: 0, 2: 1, 4: 2, 16: 3}
+    pairs = [(n, int(e)) for n in args.shapes.split(",") for e in args.experts.split(",")]
+    for name, E in sorted(pairs, key=lambda p: (order.get(p[1], 9), p[0])):
+      bench_config(name, E, records, args.impls.split(","), log)
+      _util.write_results(args.out, records)
     rows = [dict(shape=r["config"]["shape"], E=r["config"]["E"], impl=r["config"]["impl"], pass_=r["config"]["pass"],
                  ms=r["ours"], dense_ms=r["base"], x_dense=r["ratio"], x_einsum=r.get("vs_einsum", ""),
-                 goal=r.get("goal", ""), mass=r["captured_mass"]) for r in records]
-    _util.print_table(rows, ["shape", "E", "impl", "pass_", "ms", "dense_ms", "x_dense", "x_einsum", "goal", "mass"])
+                 x_eins_eq=r.get("vs_einsum_equal_groups", ""), goal=r.get("goal", ""), mass=r["captured_mass"],
+                 err=r.get("max_rel_err_vs_einsum", "")) for r in records]
+    _util.print_table(rows, ["shape", "E", "impl", "pass_", "ms", "dense_ms", "x_dense", "x_einsum", "x_eins_eq",
+                             "goal", "mass", "err"])
 
 
 if __name__ == "__main__":

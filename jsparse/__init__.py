@@ -38,6 +38,8 @@ from jsparse.router import route_tokens as route_tokens
 from jsparse.router import router_init as router_init
 from jsparse.router import router_recluster as router_recluster
 from jsparse.router import router_update as router_update
+from jsparse.router import settle_permutation as settle_permutation
+from jsparse.router import take_neurons as take_neurons
 from jsparse.remat import load_activation as load_activation
 from jsparse.remat import remat_policy as remat_policy
 from jsparse.remat import squared_relu_ffn as squared_relu_ffn

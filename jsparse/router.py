@@ -31,6 +31,11 @@ token's assigned group (1.0 = routing drops nothing; ``1/E`` = no better than a 
 
 **State.** :class:`RouterState` is a pytree of arrays (centroids, neuron permutation, group sizes, step counter), so it
 lives in the model state and is checkpointed with it; :class:`RouterConfig` is static.
+
+**Weight layout.** :func:`jsparse.routed_ffn` accepts W1/W2 in their original neuron order and gathers them into
+router order every step (and the gradients back), which costs two weight-sized gathers per pass. A model can instead
+keep its FFN weights in router order: after each (re-)clustering it applies :func:`settle_permutation`'s permutation
+to W1, W2 and their optimizer moments (:func:`take_neurons`) and calls ``routed_ffn(..., weights_grouped=True)``.
 """
 
 from __future__ import annotations
@@ -258,6 +263,33 @@ def router_update(state: RouterState, w1_DxF: jax.Array, config: RouterConfig) -
     return state
   return jax.lax.cond(step % config.recluster_every == 0,
                       lambda s: router_recluster(s, w1_DxF, config), lambda s: s, state)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Keeping the FFN weights in router order.
+
+
+def take_neurons(w: jax.Array, perm_F: jax.Array, axis: int) -> jax.Array:
+  """``w`` with its neuron axis reordered: ``take(w, perm_F, axis)``.
+
+  Use axis=1 for W1 (D, F) and its optimizer moments, axis=0 for W2 (F, D) and its moments. Permuting hidden neurons
+  (W1's columns together with W2's rows) leaves the FFN's function unchanged, and element-wise optimizers (Adam, SGD)
+  are permutation-equivariant, so training continues exactly as before the move.
+  """
+  return jnp.take(w, perm_F, axis=axis)
+
+
+def settle_permutation(state: RouterState) -> tuple[RouterState, jax.Array]:
+  """For models that keep W1/W2 in router order (``routed_ffn(..., weights_grouped=True)``).
+
+  Call it right after :func:`router_init` / :func:`router_recluster` (both cluster the columns in the order they are
+  given, so ``state.perm_F`` is relative to the current storage order). Returns the state with an identity
+  permutation and the permutation to apply now with :func:`take_neurons` to W1's columns, W2's rows and every
+  optimizer moment of the same shapes. This replaces two weight gathers per step (and two in the backward) by one
+  re-layout per re-clustering.
+  """
+  F = state.perm_F.shape[0]
+  return dataclasses.replace(state, perm_F=jnp.arange(F, dtype=jnp.int32)), state.perm_F
 
 
 # ----------------------------------------------------------------------------------------------------------------------
