@@ -17,6 +17,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _fmt(v: Any) -> str:
+  if v is None:
+    return "—"
   if isinstance(v, float):
     if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
       return f"{v:.3g}"
@@ -41,7 +43,8 @@ def render(records: list[dict[str, Any]]) -> str:
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for r in records:
     cells = [_fmt(r.get("config", {}).get(k, "")) for k in varying]
-    cells += [str(r["metric"]), str(r["baseline"]), _fmt(r["ours"]), _fmt(r["base"]), f"**{r['ratio']:.2f}×**"]
+    ratio = "skipped" if r.get("ratio") is None else f"**{r['ratio']:.2f}×**"
+    cells += [str(r["metric"]), str(r["baseline"]), _fmt(r.get("ours")), _fmt(r.get("base")), ratio]
     lines.append("| " + " | ".join(cells) + " |")
   devices = sorted({r["device"] for r in records})
   dates = sorted({r["date"] for r in records})
