@@ -39,7 +39,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jsparse  # noqa: E402
 from benchmarks import _util  # noqa: E402
 from jsparse import router as rt  # noqa: E402
 from jsparse.kernels.grouped_matmul import pallas as gmm_pallas  # noqa: E402

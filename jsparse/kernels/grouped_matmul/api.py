@@ -21,8 +21,12 @@ GROUP_AXES_T = ("n", "m")
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def kernel_config(rows_tile: int, n: int, k: int | None = None) -> gmm_pallas.TileConfig:
-  """The tile shape used for an output width ``n`` (two warpgroups of 128 columns when they fit, else of 64)."""
+def kernel_config(rows_tile: int, n: int) -> gmm_pallas.TileConfig:
+  """The tile shape used for an output width ``n``: two warpgroups of 128 columns when they fit, else of 64.
+
+  Measured on an H100 (benchmarks/routed_ffn.py --sweep, T=16384, D=2048, F=8192, E=8): 128-column warpgroups run the
+  six grouped GEMMs at 420-620 TF/s, 64-column ones at 280-555 TF/s, the single-warpgroup engine at 270-550 TF/s.
+  """
   tile_n = 128 if n % 256 == 0 else 64
   return gmm_pallas.TileConfig(tile_m=rows_tile, tile_n=tile_n)
 

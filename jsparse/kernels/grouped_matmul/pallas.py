@@ -77,7 +77,7 @@ def _interpret_params(interpret: bool):
 
 def _num_sms(interpret: bool) -> int:
   if interpret:
-    return 2  # the interpreter simulates every CTA; two exercise the persistent loop
+    return 1  # the interpreter simulates every CTA (slowly); one walks all tiles through the persistent loop
   return getattr(jax.devices()[0], "core_count", None) or 132
 
 

@@ -22,17 +22,6 @@ import jax.numpy as jnp
 EPILOGUES = (None, "square_relu", "square_relu_grad")
 
 
-def group_block(rhs: jax.Array, g: int, num_groups: int, group_axis: str, transpose_rhs: bool) -> jax.Array:
-  """The ``[K, N]`` operand of group ``g`` (already transposed back when ``transpose_rhs``)."""
-  if transpose_rhs:
-    rhs = rhs.T
-  if group_axis == "n":
-    n = rhs.shape[1] // num_groups
-    return rhs[:, g * n:(g + 1) * n]
-  k = rhs.shape[0] // num_groups
-  return rhs[g * k:(g + 1) * k, :]
-
-
 def apply_epilogue(acc: jax.Array, epilogue: str | None, aux: jax.Array | None) -> jax.Array:
   if epilogue == "square_relu":
     return jnp.square(jnp.maximum(acc, 0.0))
@@ -41,17 +30,30 @@ def apply_epilogue(acc: jax.Array, epilogue: str | None, aux: jax.Array | None) 
   return acc
 
 
+def _blocks(rhs: jax.Array, num_groups: int, group_axis: str, transpose_rhs: bool) -> jax.Array:
+  """All group operands as one (E, K, N) array."""
+  b = rhs.T if transpose_rhs else rhs
+  E = num_groups
+  if group_axis == "n":
+    K, n_total = b.shape
+    return b.reshape(K, E, n_total // E).transpose(1, 0, 2)
+  k_total, N = b.shape
+  return b.reshape(E, k_total // E, N)
+
+
 def grouped_matmul(lhs_PxK: jax.Array, rhs: jax.Array, tile_group_R: jax.Array, *, num_groups: int, group_axis: str,
                    transpose_rhs: bool, epilogue: str | None = None, aux_PxN: jax.Array | None = None) -> jax.Array:
-  """``out[rows of tile r] = epilogue(lhs[rows] @ B_{tile_group[r]})``; unused tiles give 0. f32 accumulation."""
+  """``out[rows of tile r] = epilogue(lhs[rows] @ B_{tile_group[r]})``; unused tiles give 0. f32 accumulation.
+
+  Written for clarity, not speed: every row is multiplied by every group's block (E x the work), then each row keeps
+  its own group's product.
+  """
   P = lhs_PxK.shape[0]
   row_tile = P // tile_group_R.shape[0]
   row_group_P = jnp.repeat(tile_group_R, row_tile, total_repeat_length=P)
-  out = None
-  for g in range(num_groups):
-    b_KxN = group_block(rhs, g, num_groups, group_axis, transpose_rhs)
-    y = jnp.dot(lhs_PxK, b_KxN, preferred_element_type=jnp.float32)
-    out = jnp.where((row_group_P == g)[:, None], y, 0.0 if out is None else out)
+  y_ExPxN = jnp.einsum("pk,ekn->epn", lhs_PxK, _blocks(rhs, num_groups, group_axis, transpose_rhs),
+                       preferred_element_type=jnp.float32)
+  out = jnp.take_along_axis(y_ExPxN, jnp.minimum(row_group_P, num_groups - 1)[None, :, None], axis=0)[0]
   out = apply_epilogue(out, epilogue, aux_PxN)
   out = jnp.where((row_group_P < num_groups)[:, None], out, 0.0)
   return out.astype(lhs_PxK.dtype)
@@ -70,10 +72,12 @@ def grouped_matmul_t(lhs_PxM: jax.Array, rhs_PxN: jax.Array, group_tile_start_E:
                      group_tiles_E: jax.Array, *, row_tile: int, group_axis: str) -> jax.Array:
   """Per group g, ``lhs[rows_g].T @ rhs[rows_g]``, laid side by side: ``[M, E*N]`` ("n") or ``[E*M, N]`` ("m")."""
   E = group_tile_start_E.shape[0]
+  M, N = lhs_PxM.shape[1], rhs_PxN.shape[1]
   rg = row_groups(group_tile_start_E, group_tiles_E, lhs_PxM.shape[0], row_tile)
-  blocks = []
-  for g in range(E):
-    a = jnp.where((rg == g)[:, None], lhs_PxM, jnp.zeros((), lhs_PxM.dtype))
-    blocks.append(jnp.dot(a.T, rhs_PxN, preferred_element_type=jnp.float32))
-  out = jnp.concatenate(blocks, axis=1 if group_axis == "n" else 0)
+  onehot_PxE = (rg[:, None] == jnp.arange(E, dtype=jnp.int32)[None, :]).astype(lhs_PxM.dtype)
+  out_ExMxN = jnp.einsum("pe,pm,pn->emn", onehot_PxE, lhs_PxM, rhs_PxN, preferred_element_type=jnp.float32)
+  if group_axis == "n":
+    out = out_ExMxN.transpose(1, 0, 2).reshape(M, E * N)
+  else:
+    out = out_ExMxN.reshape(E * M, N)
   return out.astype(lhs_PxM.dtype)
