@@ -11,8 +11,12 @@ reported separately (``recluster_ms``). Loss for fwd+bwd: ``mean(out^2) / 2`` (a
 
 Implementations: ``xla_dense`` (``relu(x @ W1)^2 @ W2``, the base), ``ragged_dot`` (``jax.lax.ragged_dot``), ``einsum``
 (padded batched GEMMs; capacity = the largest group of this routing rounded up to 128 -- an oracle static capacity,
-so the baseline pays for the imbalance but never drops a token), ``ours`` (``implementation="pallas"``: the Mosaic GPU
-grouped GEMMs).
+so the baseline pays for the imbalance but never drops a token), ``einsum_equal_groups`` (E=8 only: tokens dealt
+round-robin so every group has exactly T/E -- not a router, the idealised plain-XLA bound of h100-measurements §9),
+``ours`` (``implementation="pallas"``: the Mosaic GPU grouped GEMMs, weights passed in their original neuron order
+and permuted inside the op every step) and ``ours_grouped_weights`` (the same with the weights kept in router order,
+``weights_grouped=True``; the re-layout of W1, W2 and two float32 Adam moments each, paid once per re-clustering, is
+reported as ``relayout_ms``).
 
 **Trained-like activations** (what the router sees): 64 latent "feature" directions u_k in R^D. Neuron f of W1 is
 ``u_{k(f)}`` plus Gaussian noise (each feature owns F/64 neurons, as co-activating neurons of a trained FFN do); token
