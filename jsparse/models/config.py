@@ -12,6 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jsparse.models import _ops
+from jsparse.router import RouterConfig
 
 FFN_KINDS = ("squared_relu", "swiglu", "sparse")
 ACTIVATION_SPARSITY = (None, "2:4", "vnm")
@@ -44,7 +45,9 @@ class FFNConfig:
     kind: ``"squared_relu"`` (dense baseline), ``"swiglu"`` (dense baseline) or ``"sparse"`` (:class:`SparseFFN`).
     activation_sparsity: ``None``; ``"2:4"`` = Haziza et al.'s recipe (2:4 on y1 before relu^2, the forward mask
       reused in the backward, token permutation, token-wise 2:4 in the weight-gradient GEMMs with the densest
-      features kept dense); ``"vnm"`` = the neuron-routed V:N:M FFN (not wired yet: raises ``NotImplementedError``).
+      features kept dense); ``"vnm"`` = the neuron-routed FFN (Madhyastha et al.): W1's neurons clustered into
+      ``num_groups`` groups, each token computed on its group's neurons only (:func:`jsparse.routed_ffn`), optionally
+      V:N:M-pruned inside the group (``vnm_blocks``).
     weight_sparsity: ``None`` or ``"2:4-sste"`` (S-STE soft threshold, fixed scale beta, straight-through gradient).
     weight_sparsity_on: which weights ``weight_sparsity`` applies to: ``"w1"``, ``"w2"`` or ``"both"``.
     permute_tokens: recipe ablation switch -- shuffle the tokens before the token-wise 2:4 of the weight gradients.
@@ -70,6 +73,13 @@ class FFNConfig:
     implementation: ``None`` (best available: Pallas sparsify kernels on a GPU, 2:4 GEMMs through cuSPARSELt where
       ``jsparse.sparse_matmul`` can run them), ``"pallas"`` (Pallas sparsify kernels, plain XLA GEMMs), ``"xla"``
       (pure XLA) or ``"cusparselt"`` (cuSPARSELt 2:4 GEMMs, best sparsify kernels; raises where it cannot run).
+    num_groups: ``"vnm"``: E, the number of neuron groups (d_ff/E must be a multiple of ``router_block``).
+    router_block: ``"vnm"``: group sizes are multiples of this (128 = the grouped-GEMM tile; smaller for tests).
+    recluster_every: ``"vnm"``: re-cluster the neurons every this many optimizer steps (0 = only at the sparse
+      phase's start); driven by :func:`jsparse.models.after_optimizer_step`.
+    router_seed: ``"vnm"``: seed of the k-means++ initialisation.
+    vnm_blocks: ``"vnm"``: optional ``(v, n, m)`` V:N:M pruning of each token's group activations (a quality/format
+      option: on Hopper in JAX the GEMM still runs on dense tensor cores).
     sparse: whether a freshly built :class:`SparseFFN` starts in its sparse mode (``models.set_sparse`` flips it).
     stats: sow the per-layer statistics (``act_density``, ``dropped_mass``, ``dense_features``).
   """
@@ -89,6 +99,11 @@ class FFNConfig:
   remat_storage: str = "auto"
   remat_capacity: float = 0.25
   implementation: str | None = None
+  num_groups: int = 8
+  router_block: int = 128
+  recluster_every: int = 0
+  router_seed: int = 0
+  vnm_blocks: tuple[int, int, int] | None = None
   sparse: bool = True
   stats: bool = True
 
@@ -114,8 +129,21 @@ class FFNConfig:
       raise ValueError(f"{op}: dense_multiple must be a positive int, got {self.dense_multiple!r}")
     if self.kind != "sparse" and (self.activation_sparsity or self.weight_sparsity):
       raise ValueError(f"{op}: activation_sparsity/weight_sparsity need kind='sparse', got kind={self.kind!r}")
+    if self.vnm_blocks is not None:
+      object.__setattr__(self, "vnm_blocks", tuple(int(v) for v in self.vnm_blocks))
+      if len(self.vnm_blocks) != 3:
+        raise ValueError(f"{op}: vnm_blocks must be (v, n, m), got {self.vnm_blocks!r}")
+    if self.activation_sparsity == "vnm":
+      self.router_config()  # validates num_groups, router_block, recluster_every
+      if self.remat is not None and self.remat not in ("save_dense", "recompute"):
+        raise ValueError(f"{op}: activation_sparsity='vnm' supports remat None, 'save_dense' or 'recompute', got "
+                         f"{self.remat!r}")
     if self.activation_sparsity == "vnm" and self.weight_sparsity is not None:
       raise ValueError(f"{op}: activation_sparsity='vnm' does not combine with weight_sparsity yet")
+
+  def router_config(self):
+    """The :class:`jsparse.RouterConfig` of a ``"vnm"`` FFN."""
+    return RouterConfig(num_groups=self.num_groups, block=self.router_block, recluster_every=self.recluster_every)
 
   @property
   def activation_24(self) -> bool:

@@ -29,8 +29,18 @@ def prepare_sparse_phase(model: nnx.Module, tokens_BxL: jax.Array | None = None)
   """Call once when the sparse phase starts: fixes each S-STE scale beta from the current weights.
 
   The result lives in ``SparsityState`` variables, so it is checkpointed with the model and stays fixed afterwards.
-  ``tokens_BxL`` is a sample batch for the V:N:M router's clustering; the 2:4 modes do not need it.
+  Routed (``"vnm"``) FFNs re-cluster their neurons from the current W1 (the clustering uses the weights only;
+  ``tokens_BxL`` is accepted for rules that would use activations and is unused today).
   """
-  del tokens_BxL  # reserved for the routed FFN's clustering
+  del tokens_BxL
   for ffn in sparse_ffns(model):
     ffn.prepare_sparse_phase()
+
+
+def after_optimizer_step(model: nnx.Module) -> None:
+  """Per-step bookkeeping of sparse FFNs (the routed FFN's step counter and periodic re-clustering); jittable.
+
+  Call it after each optimizer update (the trainer does, inside its jitted step). A no-op for the 2:4 modes.
+  """
+  for ffn in sparse_ffns(model):
+    ffn.after_optimizer_step()

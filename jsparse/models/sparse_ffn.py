@@ -60,9 +60,13 @@ class SparseFFN(nnx.Module):
   state: differentiate it with flax's transforms (``nnx.grad``, ``nnx.value_and_grad``, ``nnx.jit``), not with a bare
   ``jax.grad`` around ``nnx.merge`` (flax refuses the state update there); ``permutation="fixed"`` has no state.
 
+  With ``activation_sparsity="vnm"`` the module also holds the router state (centroids, neuron permutation, group
+  sizes, step counter) as ``SparsityState`` variables: clustered from the initial W1 at construction, re-clustered
+  from the current W1 by ``prepare_sparse_phase`` and every ``recluster_every`` optimizer steps by
+  :meth:`after_optimizer_step`. The sparse forward is :func:`jsparse.routed_ffn` (grouped GEMMs on a GPU).
+
   Raises:
-    ValueError: a config that is not ``kind="sparse"`` or sizes that 2:4 cannot use.
-    NotImplementedError: ``activation_sparsity="vnm"`` (the routed V:N:M FFN is not wired in yet).
+    ValueError: a config that is not ``kind="sparse"`` or sizes that 2:4 / the router cannot use.
   """
 
   def __init__(self, d_model: int, d_ff: int, config: FFNConfig = DEFAULT_CONFIG, *, dtype=None,
@@ -70,8 +74,7 @@ class SparseFFN(nnx.Module):
     if not isinstance(config, FFNConfig) or config.kind != "sparse":
       raise ValueError(f"SparseFFN: config must be an FFNConfig with kind='sparse', got {config!r}")
     if config.activation_sparsity == "vnm":
-      raise NotImplementedError("SparseFFN: activation_sparsity='vnm' (the neuron-routed V:N:M FFN) is not wired "
-                                "in yet; use '2:4' or None")
+      config.router_config().group_size(d_ff)  # F must split into E groups of a multiple of router_block
     if config.activation_24 and d_ff % 4:
       raise ValueError(f"SparseFFN: d_ff={d_ff} must be a multiple of 4 for 2:4 activations")
     if config.sparse_w1 and d_model % 4:
@@ -88,6 +91,8 @@ class SparseFFN(nnx.Module):
     op_impl = _ops.op_implementation(config.implementation)
     self.beta1 = SparsityState(sste_beta(self.w1[...], 0, op_impl)) if config.sparse_w1 else None
     self.beta2 = SparsityState(sste_beta(self.w2[...], 0, op_impl)) if config.sparse_w2 else None
+    if self._routed:
+      self._set_router(jsparse.router_init(self.w1[...], config.router_config(), jax.random.key(config.router_seed)))
     if self._permutes and config.permutation == "random":
       # A stream of its own: "permute" if the caller made one, else a fork of the default (or params) stream.
       name = next((n for n in ("permute", "default", "params") if n in rngs), None)
@@ -99,10 +104,38 @@ class SparseFFN(nnx.Module):
 
   @property
   def _permutes(self) -> bool:
-    return self.config.permute_tokens and self.config.weight_grads_24
+    return self.config.permute_tokens and self.config.weight_grads_24 and not self._routed
+
+  @property
+  def _routed(self) -> bool:
+    return self.config.activation_sparsity == "vnm"
+
+  def _set_router(self, state) -> None:
+    fields = dict(router_centroids=state.centroids_ExD, router_perm=state.perm_F, router_sizes=state.group_sizes_E,
+                  router_step=state.step)
+    for name, value in fields.items():
+      if hasattr(self, name):
+        getattr(self, name)[...] = value
+      else:
+        setattr(self, name, SparsityState(value))
+
+  def router_state(self):
+    """The :class:`jsparse.RouterState` of a ``"vnm"`` FFN (``None`` otherwise)."""
+    if not self._routed:
+      return None
+    return jsparse.RouterState(self.router_centroids[...], self.router_perm[...], self.router_sizes[...],
+                               self.router_step[...])
+
+  def after_optimizer_step(self) -> None:
+    """Router bookkeeping once per optimizer step: counts steps, re-clusters every ``recluster_every`` (jittable)."""
+    if self._routed and self.sparse:
+      self._set_router(jsparse.router_update(self.router_state(), self.w1[...], self.config.router_config()))
 
   def prepare_sparse_phase(self) -> None:
-    """Fixes the S-STE scales from the current weights (call once, when the sparse phase starts)."""
+    """Fixes the S-STE scales and re-clusters the router from the current weights (call once, when the sparse phase
+    starts)."""
+    if self._routed:
+      self._set_router(jsparse.router_recluster(self.router_state(), self.w1[...], self.config.router_config()))
     op_impl = _ops.op_implementation(self.config.implementation)
     if self.beta1 is not None:
       self.beta1[...] = sste_beta(self.w1[...], 0, op_impl)
@@ -134,7 +167,9 @@ class SparseFFN(nnx.Module):
     dtype = self.dtype or x.dtype
     x_TxD = x_TxD.astype(dtype)
     w1_DxF, w2_FxD = self.forward_weights(dtype)
-    if self.sparse and cfg.has_sparsity:
+    if self.sparse and self._routed:
+      out_TxD, stats = self._routed_forward(x_TxD, w1_DxF, w2_FxD)
+    elif self.sparse and cfg.has_sparsity:
       spec = recipe_lib.RecipeSpec.from_config(cfg)
       perm_T = self._permutation(x_TxD.shape[0]) if self._permutes else None
       core = _ops.checkpoint(functools.partial(recipe_lib.sparse_ffn, spec=spec), cfg.remat)
@@ -147,3 +182,25 @@ class SparseFFN(nnx.Module):
     for name, value in stats.items():
       stats_lib.sow(self, name, value)
     return out_TxD.reshape(shape)
+
+  def _routed_forward(self, x_TxD, w1_DxF, w2_FxD):
+    cfg = self.config
+    rcfg = cfg.router_config()
+    state = jax.lax.stop_gradient(self.router_state())
+    groups_T = jsparse.route_tokens(x_TxD, state, rcfg)
+    impl = {None: None, "pallas": "pallas", "xla": "xla", "cusparselt": None}[cfg.implementation]
+
+    def core(x_TxD, w1_DxF, w2_FxD):
+      return jsparse.routed_ffn(x_TxD, w1_DxF, w2_FxD, state, rcfg, groups=groups_T, vnm=cfg.vnm_blocks,
+                                implementation=impl)
+
+    out_TxD = _ops.checkpoint(core, cfg.remat)(x_TxD, w1_DxF, w2_FxD)
+    stats = {}
+    if cfg.stats:
+      # Diagnostics at the cost of one extra (undifferentiated) dense x @ W1: what the routing drops.
+      x_sg, w1_sg = jax.lax.stop_gradient(x_TxD), jax.lax.stop_gradient(w1_DxF)
+      r_TxF = jnp.maximum((x_sg @ w1_sg).astype(jnp.float32), 0.0)
+      stats = dict(act_density=jnp.mean((r_TxF > 0).astype(jnp.float32)),
+                   dropped_mass=1.0 - jsparse.captured_mass(x_sg, w1_sg, state, groups_T),
+                   dense_features=jnp.zeros((), jnp.float32))
+    return out_TxD, stats

@@ -224,6 +224,7 @@ def train_step(graphdef, state, tokens_BxLp1: jax.Array, lr_fn: optax.Schedule |
   if lr_fn is not None:
     metrics["lr"] = jnp.asarray(lr_fn(optimizer.step[...]), jnp.float32)
   optimizer.update(model, grads)
+  models.after_optimizer_step(model)  # router step counter / periodic re-clustering of routed FFNs
   return nnx.state((model, optimizer)), metrics
 
 

@@ -152,10 +152,62 @@ def test_permutation_stream_advances_and_fixed_is_fixed():
   np.testing.assert_array_equal(f._permutation(32), f._permutation(32))
 
 
-def test_vnm_is_not_wired_yet_and_bad_configs_raise():
-  cfg = models.FFNConfig(kind="sparse", activation_sparsity="vnm")  # the config itself is accepted
-  with pytest.raises(NotImplementedError, match="vnm"):
-    models.SparseFFN(D, F, cfg, rngs=nnx.Rngs(0))
+# implementation="xla": the module must compute exactly the functional op with its own router state.
+ROUTED = models.FFNConfig(kind="sparse", activation_sparsity="vnm", num_groups=4, router_block=8,
+                          implementation="xla")
+
+
+def test_routed_forward_is_routed_ffn_with_the_module_router():
+  m = models.SparseFFN(D, F, ROUTED, rngs=nnx.Rngs(0))
+  x_TxD = _x(shape=(32, D))
+  state = m.router_state()
+  assert state.centroids_ExD.shape == (4, D) and sorted(np.asarray(state.perm_F)) == list(range(F))
+  expected = jsparse.routed_ffn(x_TxD, m.w1[...], m.w2[...], state, ROUTED.router_config(), implementation="xla")
+  assert_close(m(x_TxD), expected)
+  stats = models.collect_stats(m)
+  assert 0.0 < stats["dropped_mass"] < 1.0 and stats["dense_features"] == 0
+  # Each token only sees its group's neurons: the routed output differs from the dense FFN.
+  assert not np.allclose(m(x_TxD), _dense_reference(x_TxD, m.w1[...], m.w2[...]), atol=1e-3)
+  models.set_sparse(m, False)
+  np.testing.assert_array_equal(m(x_TxD), models.SquaredReLUFFN(D, F, rngs=nnx.Rngs(0))(x_TxD))
+
+
+def test_routed_gradients_match_the_reference():
+  m = models.SparseFFN(D, F, ROUTED.replace(stats=False), rngs=nnx.Rngs(0))
+  x_TxD = _x(shape=(32, D))
+  g = nnx.grad(lambda mod, x: jnp.sum(jnp.sin(mod(x))))(m, x_TxD)
+  state, rcfg = m.router_state(), ROUTED.router_config()
+  ref = jax.grad(lambda w1, w2: jnp.sum(jnp.sin(jsparse.routed_ffn(x_TxD, w1, w2, state, rcfg,
+                                                                    implementation="xla"))), (0, 1))(m.w1[...], m.w2[...])
+  assert_close(g["w1"][...], ref[0])
+  assert_close(g["w2"][...], ref[1])
+
+
+def test_router_state_is_reclustered_and_stepped():
+  m = models.SparseFFN(D, F, ROUTED.replace(recluster_every=2), rngs=nnx.Rngs(0))
+  before = m.router_state()
+  m.w1[...] = jax.random.normal(jax.random.key(5), (D, F))
+  models.prepare_sparse_phase(m)  # re-clusters from the current W1
+  after = m.router_state()
+  assert not np.allclose(before.centroids_ExD, after.centroids_ExD)
+  models.after_optimizer_step(m)
+  assert int(m.router_state().step) == 1
+  m.w1[...] = jax.random.normal(jax.random.key(6), (D, F))
+  models.after_optimizer_step(m)  # step 2: re-clusters
+  assert int(m.router_state().step) == 2
+  assert not np.allclose(after.centroids_ExD, m.router_state().centroids_ExD)
+  models.set_sparse(m, False)
+  models.after_optimizer_step(m)  # a dense phase leaves the router alone
+  assert int(m.router_state().step) == 2
+
+
+def test_vnm_bad_configs_and_other_bad_configs_raise():
+  with pytest.raises(ValueError, match="multiple of\\s+block=128|not a multiple of block"):
+    models.SparseFFN(D, F, models.FFNConfig(kind="sparse", activation_sparsity="vnm"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="vnm_blocks"):
+    models.FFNConfig(kind="sparse", activation_sparsity="vnm", vnm_blocks=(64, 2))
+  with pytest.raises(ValueError, match="weight_sparsity"):
+    models.FFNConfig(kind="sparse", activation_sparsity="vnm", weight_sparsity="2:4-sste")
   with pytest.raises(ValueError, match="activation_sparsity"):
     models.FFNConfig(kind="sparse", activation_sparsity="1:4")
   with pytest.raises(ValueError, match="kind='sparse'"):

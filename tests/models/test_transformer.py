@@ -18,6 +18,7 @@ MODES = {
     "act24": ACT24,
     "sste": dict(kind="sparse", weight_sparsity="2:4-sste"),
     "act24+sste": dict(ACT24, weight_sparsity="2:4-sste"),
+    "routed": dict(kind="sparse", activation_sparsity="vnm", num_groups=2, router_block=32),
 }
 
 
