@@ -41,14 +41,13 @@ class Op:
   extra: bool = False  # informational row beyond the six
 
 
-ROWWISE_CONFIGS = (BlockConfig(1, 1024, 4), BlockConfig(2, 1024, 4), BlockConfig(4, 1024, 4),
-                   BlockConfig(4, 1024, 8), BlockConfig(8, 1024, 8), BlockConfig(4, 512, 4),
-                   BlockConfig(2, 2048, 8), BlockConfig(16, 1024, 8))
-TRANSPOSABLE_CONFIGS = (BlockConfig(4, 256, 4), BlockConfig(8, 256, 4), BlockConfig(16, 256, 4),
-                        BlockConfig(16, 256, 8), BlockConfig(32, 256, 8), BlockConfig(8, 512, 8),
-                        BlockConfig(16, 128, 4))
-VNM_CONFIGS = (BlockConfig(64, 64, 4), BlockConfig(64, 128, 4), BlockConfig(64, 128, 8),
-               BlockConfig(64, 256, 8), BlockConfig(64, 64, 2))
+ROWWISE_CONFIGS = (BlockConfig(2, 1024, 4), BlockConfig(4, 1024, 4), BlockConfig(4, 1024, 8),
+                   BlockConfig(8, 1024, 8), BlockConfig(4, 512, 4), BlockConfig(2, 2048, 8))
+TRANSPOSABLE_CONFIGS = (BlockConfig(8, 256, 4), BlockConfig(16, 256, 4), BlockConfig(32, 256, 4),
+                        BlockConfig(16, 512, 4), BlockConfig(16, 256, 8), BlockConfig(32, 256, 8),
+                        BlockConfig(8, 256, 2))
+VNM_CONFIGS = (BlockConfig(64, 128, 1), BlockConfig(64, 256, 1), BlockConfig(64, 512, 2), BlockConfig(64, 256, 2),
+               BlockConfig(64, 1024, 4), BlockConfig(64, 512, 1))
 
 
 def _interp() -> bool:

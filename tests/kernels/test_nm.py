@@ -79,7 +79,7 @@ def test_ties_go_to_lower_index(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_nan_is_kept_and_inf_is_large(impl):
+def test_nan_is_kept_and_inf_is_large(impl):  # (subnormals: test_gpu_kernels_rank_subnormals_exactly)
   x = jnp.array([[0.1, jnp.nan, 3.0, 2.0, -jnp.inf, 1.0, 2.0, 0.5],
                  [jnp.nan, jnp.nan, jnp.nan, 1.0, jnp.inf, jnp.nan, -jnp.inf, 9.0]])
   with implementation(impl) as im:
@@ -413,3 +413,14 @@ def test_gpu_default_is_the_triton_kernel(op):
   x = _x((128, 256), jnp.bfloat16)
   compiled = jax.jit(_LOWERED_OPS[op]).lower(x).compile().as_text()
   assert "triton" in compiled.lower(), compiled[:2000]
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_rank_subnormals_exactly():
+  """Triton's fabsf flushes subnormals (FTZ); the kernels take |x| from the bits, so tiny magnitudes still rank."""
+  x = jnp.array([[1e-40, 3e-40, 2e-40, 0.0, 5e-39, -6e-39, 1e-45, 0.0]] * 4, jnp.float32)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    mask = jsparse.nm_mask(x.astype(dtype), implementation="pallas")
+    np.testing.assert_array_equal(mask[0], [0, 1, 1, 0, 1, 1, 0, 0])
+    s = jsparse.soft_threshold_24(x.astype(dtype), implementation="pallas")
+    assert (np.asarray(s[0], np.float32)[[1, 2]] > 0).all()

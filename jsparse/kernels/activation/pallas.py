@@ -1,7 +1,7 @@
 """Pallas-Triton kernel for the fused squared-ReLU + N:M activation: one read of x, one write of h.
 
 Same lane scheme as the N:M kernel (:mod:`jsparse.kernels.nm.pallas`); the selection key is the reference's
-``selection_key`` (relu(x) in f32, NaN as +inf) and ``h = relu(x)^2`` is computed in f32 and rounded once, exactly as
+``selection_key`` (relu(x) in f32, NaN as +inf; computed from the bits, :func:`pallas_common.relu_key`) and ``h = relu(x)^2`` is computed in f32 and rounded once, exactly as
 ``reference.squared_relu_nm``, so h is bit-identical to the reference and the mask equal.
 
 Outputs (any subset, in order): ``"h"``, ``"mask"`` (bool, ``(R, K)``) and ``"bits"`` (one bit per element,
@@ -15,7 +15,6 @@ import fractions
 import jax
 import jax.numpy as jnp
 
-from jsparse.kernels.activation import reference as ref
 from jsparse.kernels.nm import pallas_common as pc
 from jsparse.kernels.nm.pallas import DEFAULT_CONFIG as NM_DEFAULT_CONFIG
 from jsparse.kernels.nm.pallas import launch_rowwise, supports_nm
@@ -32,7 +31,7 @@ def supports(x_RxK: jax.Array, n: int, m: int) -> tuple[bool, str]:
 
 def _body(x, *, n: int, m: int, outputs: tuple[str, ...]):
   lanes = pc.deinterleave(x, m)
-  keep = pc.keep_top_n([ref.selection_key(v) for v in lanes], n)
+  keep = pc.keep_top_n([pc.relu_key(v) for v in lanes], n)
   out = []
   for o in outputs:
     if o == "h":

@@ -22,12 +22,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jsparse.kernels._common import magnitude_key
 from jsparse.kernels.nm import pallas_common as pc
 from jsparse.kernels.nm.pallas_common import BlockConfig
 
-# Tuned on an H100 for 16384 x 8192 bf16 (see benchmarks/sparsify.py); any power-of-two block is correct.
-DEFAULT_CONFIG = BlockConfig(block_rows=32, block_cols=1024, num_warps=4, num_stages=1)
+# Tuned on an H100 for 16384 x 8192 bf16 (benchmarks/sparsify.py --tune; 32 elements per thread: more spills
+# registers, e.g. 32 x 1024 with 4 warps ran at 0.56x the copy's bandwidth); any power-of-two block is correct.
+DEFAULT_CONFIG = BlockConfig(block_rows=4, block_cols=1024, num_warps=4, num_stages=1)
+SOFT_THRESHOLD_CONFIG = BlockConfig(block_rows=4, block_cols=512, num_warps=4, num_stages=1)
 MAX_M = 32
 NM_OUTPUTS = ("y", "mask", "bits")
 
@@ -121,7 +122,7 @@ def _emit(outputs: Sequence[str], lanes: Sequence[jax.Array], keep: Sequence[jax
 
 def _nm_body(x, *, n: int, m: int, outputs: tuple[str, ...]):
   lanes = pc.deinterleave(x, m)
-  keep = pc.keep_top_n([magnitude_key(v) for v in lanes], n)
+  keep = pc.keep_top_n([pc.magnitude_key(v) for v in lanes], n)
   return _emit(outputs, lanes, keep)
 
 
@@ -154,8 +155,8 @@ def lane_ranks(keys: Sequence[jax.Array]) -> list[jax.Array]:
 def _soft_threshold_body(w, *, outputs: tuple[str, ...]):
   lanes = pc.deinterleave(w, 4)
   w32 = [v.astype(jnp.float32) for v in lanes]
-  a = [jnp.abs(v) for v in w32]
-  ranks = lane_ranks([magnitude_key(v) for v in lanes])
+  a = [pc.abs_f32(v) for v in w32]
+  ranks = lane_ranks([pc.magnitude_key(v) for v in lanes])
   # The 3rd-largest magnitude: exactly one lane has rank 2, so a select chain picks it exactly.
   third = jnp.where(ranks[0] == 2, a[0], jnp.where(ranks[1] == 2, a[1], jnp.where(ranks[2] == 2, a[2], a[3])))
   keep = [r < 2 for r in ranks]
@@ -177,5 +178,5 @@ def soft_threshold_24(w_RxK: jax.Array, *, outputs: Sequence[str] = ("s",), inte
   specs = [(w_RxK.dtype, fractions.Fraction(1)) if o == "s" else _nm_out_specs(w_RxK.dtype, 4, (o,))[0]
            for o in outputs]
   body = lambda w: _soft_threshold_body(w, outputs=outputs)
-  return launch_rowwise(body, [w_RxK], specs, min_cols=4, config=config or DEFAULT_CONFIG, interpret=interpret,
-                        name="jsparse_soft_threshold_24")
+  return launch_rowwise(body, [w_RxK], specs, min_cols=4, config=config or SOFT_THRESHOLD_CONFIG,
+                        interpret=interpret, name="jsparse_soft_threshold_24")

@@ -138,6 +138,50 @@ def keep_top_n(keys: Sequence[jax.Array], n: int) -> list[jax.Array]:
   return [r < n for r in ranks]
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Selection keys from the bits. Same values as the reference's float formulas, but exact on every platform: under
+# Triton, libdevice's fabsf flushes subnormals to zero (FTZ), which would turn tiny magnitudes into ties. Integer ops
+# on the bit pattern never flush, cost the same, and for bfloat16 the f32 value is just a shift.
+
+_BITS = {  # dtype -> (unsigned view, sign bit, +inf bits)
+    jnp.dtype(jnp.bfloat16): (jnp.uint16, 0x8000, 0x7F80),
+    jnp.dtype(jnp.float16): (jnp.uint16, 0x8000, 0x7C00),
+    jnp.dtype(jnp.float32): (jnp.uint32, 0x80000000, 0x7F800000),
+}
+
+
+def _bits_to_f32(bits: jax.Array, dtype) -> jax.Array:
+  """The f32 value of non-negative ``dtype`` bit patterns (exact: every bf16/f16 value is an f32)."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.bfloat16:
+    return jax.lax.bitcast_convert_type(bits.astype(jnp.uint32) << 16, jnp.float32)
+  if dtype == jnp.float16:
+    return jax.lax.bitcast_convert_type(bits, jnp.float16).astype(jnp.float32)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def magnitude_key(x: jax.Array) -> jax.Array:
+  """``jsparse.kernels._common.magnitude_key`` (|x| in f32, NaN as +inf) from the bit pattern."""
+  view, sign, inf = _BITS[jnp.dtype(x.dtype)]
+  mag = jax.lax.bitcast_convert_type(x, view) & view(sign - 1)
+  return _bits_to_f32(jnp.minimum(mag, view(inf)), x.dtype)
+
+
+def relu_key(x: jax.Array) -> jax.Array:
+  """``activation.reference.selection_key`` (relu(x) in f32, NaN as +inf) from the bit pattern."""
+  view, sign, inf = _BITS[jnp.dtype(x.dtype)]
+  bits = jax.lax.bitcast_convert_type(x, view)
+  mag = bits & view(sign - 1)
+  key = jnp.where(mag > view(inf), view(inf), jnp.where(bits >= view(sign), view(0), bits))
+  return _bits_to_f32(key, x.dtype)
+
+
+def abs_f32(x32: jax.Array) -> jax.Array:
+  """|x| of an f32 array by clearing the sign bit (never flushes subnormals)."""
+  bits = jax.lax.bitcast_convert_type(x32, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def bits_dtype(m: int):
   """Smallest unsigned dtype with one bit per element of a group of ``m``."""
   if m <= 8:

@@ -13,10 +13,13 @@ import fractions
 import jax
 import jax.numpy as jnp
 
-from jsparse.kernels._common import magnitude_key
 from jsparse.kernels.nm import pallas_common as pc
-from jsparse.kernels.nm.pallas import DEFAULT_CONFIG, launch_rowwise
+from jsparse.kernels.nm.pallas import launch_rowwise
 from jsparse.kernels.nm.pallas_common import BlockConfig
+
+
+# Tuned on an H100 for 16384 x 8192 bf16 (benchmarks/sparsify.py --tune).
+DEFAULT_CONFIG = BlockConfig(block_rows=8, block_cols=1024, num_warps=8, num_stages=1)
 
 
 def supports_pack_24(x_RxK: jax.Array) -> tuple[bool, str]:
@@ -50,7 +53,7 @@ def _body(x, *mask):
   if mask:
     keep = pc.deinterleave(mask[0], 4)
   else:
-    keep = pc.keep_top_n([magnitude_key(v) for v in lanes], 2)
+    keep = pc.keep_top_n([pc.magnitude_key(v) for v in lanes], 2)
   idx0, idx1 = _first_last(keep)
   values = pc.interleave([_pick(lanes, idx0), _pick(lanes, idx1)])  # (bm, bk/2)
   nibble = idx0 | (idx1 << 2)  # (bm, bk/4)

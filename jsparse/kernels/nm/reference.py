@@ -91,31 +91,75 @@ def transposable_patterns() -> np.ndarray:
 ROW_PAIRS = tuple(itertools.combinations(range(4), 2))  # (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
 
 
+@functools.cache
+def transposable_search_plan() -> tuple[tuple[tuple[int, int, int], ...], tuple[tuple[tuple[int, int], ...], ...]]:
+  """The search's structure: ``(groups, completions)``.
+
+  ``groups``: the 36 choices ``(t0, t1, need)`` of rows 0 and 1 in lexicographic order (``t`` indexes
+  ``ROW_PAIRS``), where ``need`` indexes ``completions``: the distinct lists of ``(t2, t3)`` choices for rows 2 and
+  3 that complete rows 0-1 to two ones per column (lexicographic). Rows 0-1 choices with the same column counts share
+  a list (18 lists for 36 groups), so a completion's best is found once for all the groups that need it. Together
+  they enumerate the 90 transposable patterns.
+  """
+  def counts(*ts):
+    c = [0] * 4
+    for t in ts:
+      for j in ROW_PAIRS[t]:
+        c[j] += 1
+    return tuple(c)
+
+  needs: dict[tuple[int, ...], int] = {}
+  completions, groups = [], []
+  for t0 in range(6):
+    for t1 in range(6):
+      need = tuple(2 - c for c in counts(t0, t1))
+      if need not in needs:
+        needs[need] = len(completions)
+        completions.append(tuple((t2, t3) for t2 in range(6) for t3 in range(6) if counts(t2, t3) == need))
+      groups.append((t0, t1, needs[need]))
+  assert sum(len(completions[n]) for _, _, n in groups) == 90
+  return tuple(groups), tuple(completions)
+
+
 def transposable_24_mask(x: jax.Array) -> jax.Array:
   """Optimal transposable 2:4 mask of the last two axes (both multiples of 4).
 
-  Every 4x4 tile keeps the pattern, among the 90 that are 2:4 along rows and columns, with the largest sum of |x|.
-  Scores are summed in a fixed order -- per row the pair sum ``key[a] + key[b]``, then rows 0+1, +2, +3 -- so that a
-  kernel doing the same additions reproduces the choice bit for bit; ties go to the first pattern in
-  :func:`transposable_patterns` order.
+  Every 4x4 tile keeps, among the 90 patterns that are 2:4 along rows and columns, one with the largest sum of |x|
+  (``magnitude_key``), found in two levels with fixed float32 additions, so that a kernel doing the same additions
+  reproduces the choice bit for bit:
+
+  1. per row the pair sums ``key[a] + key[b]`` (``ROW_PAIRS`` order);
+  2. per completion list of :func:`transposable_search_plan`, its best ``(t2, t3)``: the largest ``row2[t2] +
+     row3[t3]``, ties to the first;
+  3. per rows-0-1 choice the score ``(row0[t0] + row1[t1]) + best completion``; the first largest score wins.
+
+  Float rounding is monotone, so the winner's score is the largest any pattern reaches (the optimum, up to ties that
+  rounding creates). An all-equal tile keeps rows 0-1 columns 0,1 and rows 2-3 columns 2,3.
   """
   *batch, R, C = x.shape
   key = magnitude_key(x).reshape(*batch, R // 4, 4, C // 4, 4)
   key = jnp.moveaxis(key, -3, -2)  # (..., R/4, C/4, 4 rows, 4 cols)
   pair_sums = jnp.stack([key[..., a] + key[..., b] for a, b in ROW_PAIRS], axis=-1)  # (..., 4 rows, 6 pairs)
-  table = transposable_patterns()
-  score = None
-  for r in range(4):
-    term = pair_sums[..., r, :][..., table[:, r]]  # (..., 90)
-    score = term if score is None else score + term
-  best = jnp.argmax(score, axis=-1)  # first maximum
+  groups, completions = transposable_search_plan()
+  best_value, best_choice = [], []
+  for comps in completions:
+    t2, t3 = np.asarray(comps).T
+    c = pair_sums[..., 2, :][..., t2] + pair_sums[..., 3, :][..., t3]  # (..., len(comps))
+    k = jnp.argmax(c, axis=-1)  # the first maximum
+    best_value.append(jnp.take_along_axis(c, k[..., None], axis=-1)[..., 0])
+    best_choice.append(jnp.asarray(np.asarray(comps, np.int32))[k])  # (..., 2): (t2, t3)
+  t0s, t1s, ns = (np.asarray(v) for v in zip(*groups))
+  p01 = pair_sums[..., 0, :][..., t0s] + pair_sums[..., 1, :][..., t1s]  # (..., 36)
+  score = p01 + jnp.stack([best_value[n] for n in ns], axis=-1)
+  g = jnp.argmax(score, axis=-1)  # the first maximum
+  choice23 = jnp.stack([best_choice[n] for n in ns], axis=-2)  # (..., 36, 2)
+  t23 = jnp.take_along_axis(choice23, g[..., None, None], axis=-2)[..., 0, :]
+  rows = jnp.stack([jnp.asarray(t0s)[g], jnp.asarray(t1s)[g], t23[..., 0], t23[..., 1]], axis=-1)  # (..., 4)
   pair_mask = np.zeros((6, 4), bool)
   for p, (a, b) in enumerate(ROW_PAIRS):
     pair_mask[p, [a, b]] = True
-  tile_masks = jnp.asarray(pair_mask[table])  # (90, 4 rows, 4 cols)
-  mask = tile_masks[best]  # (..., R/4, C/4, 4, 4)
-  mask = jnp.moveaxis(mask, -2, -3).reshape(*batch, R, C)
-  return mask
+  mask = jnp.asarray(pair_mask)[rows]  # (..., R/4, C/4, 4 rows, 4 cols)
+  return jnp.moveaxis(mask, -2, -3).reshape(*batch, R, C)
 
 
 def greedy_transposable_24_mask(x: jax.Array) -> jax.Array:

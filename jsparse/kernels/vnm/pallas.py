@@ -1,14 +1,16 @@
 """Pallas-Triton kernel for V:N:M (Venom) selection on a 2-D ``(R, C)`` array.
 
-One program handles one block of ``v`` rows x ``bc`` columns (``bc/m`` column groups). It loads the rows as slabs of
-up to 8 rows, which stay in registers for the whole program, and
+One program handles one block of ``v`` rows x ``bc`` columns (``bc/m`` column groups), one row at a time, so that
+every step is elementwise inside a thread (a row's groups of ``m`` are split into lanes, as in the N:M kernel):
 
-1. sums the keys (|x| in f32, NaN as +inf) of every column in the reference's fixed order
-   (:func:`jsparse.kernels.vnm.reference.halving_sum`: slab j + slab j+S/2, ..., then inside the last slab top half +
-   bottom half through 2-element reductions, which have only one order), so column sums are bit-identical;
-2. selects the 4 columns of each group of ``m`` with the largest sums (ties to the lower column);
-3. keeps, per row, the ``n`` largest of those 4 (ties to the lower column) and writes the requested outputs:
-   ``"y"`` (pruned values), ``"mask"`` (bool) or ``"bits"`` (one bit per element, ``(R, C/m)``).
+1. it sums the keys (|x| in f32, NaN as +inf) of every column in the reference's fixed order
+   (:func:`jsparse.kernels.vnm.reference.halving_sum`), walking the halving tree depth first (rows in bit-reversed
+   order), so the column sums are bit-identical and only ``log2(v)`` partial sums are live;
+2. selects the 4 columns of each group with the largest sums (ties to the lower column) and precomputes, per group,
+   which lane feeds which of the 4 "slots" (the selected columns in ascending order);
+3. re-reads each row (from cache), gathers the 4 selected keys, keeps the ``n`` largest (ties to the lower column)
+   and scatters the decision back to the ``m`` lanes, writing the requested outputs: ``"y"`` (pruned values),
+   ``"mask"`` (bool) or ``"bits"`` (one bit per element, ``(R, C/m)``).
 """
 
 from __future__ import annotations
@@ -19,18 +21,17 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jsparse.kernels._common import magnitude_key
 from jsparse.kernels.nm import pallas_common as pc
 from jsparse.kernels.nm.pallas import lane_ranks
 from jsparse.kernels.nm.pallas_common import BlockConfig
 from jsparse.kernels.vnm import reference as ref
 
 # block_rows is ignored (a block is always v rows); block_cols is the column block. Tuned on an H100, 64:2:8 bf16.
-DEFAULT_CONFIG = BlockConfig(block_rows=64, block_cols=128, num_warps=4, num_stages=1)
-SLAB_ROWS = 8
+DEFAULT_CONFIG = BlockConfig(block_rows=64, block_cols=256, num_warps=1, num_stages=1)
 MAX_M = 32
 MAX_BLOCK_ROWS = 256
 OUTPUTS = ("y", "mask", "bits")
+SLOTS = ref.SELECTED_COLUMNS
 
 
 def supports_vnm(x_RxC: jax.Array, v: int, n: int, m: int) -> tuple[bool, str]:
@@ -45,40 +46,53 @@ def supports_vnm(x_RxC: jax.Array, v: int, n: int, m: int) -> tuple[bool, str]:
   return True, ""
 
 
-def _column_sums(keys_slabs, bc: int):
-  """The reference's halving sum over all rows of the block: (1, bc) f32."""
-  level = list(keys_slabs)
-  while len(level) > 1:
-    h = len(level) // 2
-    level = [level[i] + level[i + h] for i in range(h)]
-  acc = level[0]
-  rows = acc.shape[0]
-  while rows > 1:
-    h = rows // 2
-    acc = jnp.sum(acc.reshape(2, h, bc), axis=0)  # a 2-element sum: top row + bottom row, whatever the order
-    rows = h
-  return acc
+def _column_sums(x_ref, v: int):
+  """The reference's halving sum over the v rows: tree(t, s) = tree(t, 2s) + tree(t + s, 2s), leaves are rows."""
+  def tree(t, stride):
+    if stride == v:
+      return pc.magnitude_key(x_ref[t])
+    return tree(t, 2 * stride) + tree(t + stride, 2 * stride)
+  return tree(0, 1)
 
 
 def _kernel(x_ref, *out_refs, v: int, n: int, m: int, outputs):
-  bc = x_ref.shape[-1]
-  rs = min(v, SLAB_ROWS)
-  slabs = [x_ref[pl.ds(s * rs, rs), :] for s in range(v // rs)]
-  col_sum = _column_sums([magnitude_key(s) for s in slabs], bc)
-  selected = [r < ref.SELECTED_COLUMNS for r in lane_ranks(pc.deinterleave(col_sum, m))]  # (1, bc/m) each
-  for s, slab in enumerate(slabs):
-    lanes = pc.deinterleave(slab, m)
-    # Unselected columns rank behind every selected one (keys are >= 0), as in the reference.
-    masked = [jnp.where(sel, magnitude_key(lane), -1.0) for sel, lane in zip(selected, lanes)]
-    keep = [(r < n) & sel for r, sel in zip(lane_ranks(masked), selected)]
+  col_keys = pc.deinterleave(_column_sums(x_ref, v), m)  # (bc/m,) per lane
+  selected = [r < SLOTS for r in lane_ranks(col_keys)]
+  # slot[k][j]: lane j is the k-th selected column of its group (lane j can only be slot max(0, j-m+4)..min(3, j)).
+  before = jnp.zeros(selected[0].shape, jnp.int32)
+  slot = [[None] * m for _ in range(SLOTS)]
+  for j in range(m):
+    for k in range(max(0, j - m + SLOTS), min(SLOTS - 1, j) + 1):
+      slot[k][j] = selected[j] & (before == k)
+    before = before + selected[j].astype(jnp.int32)
+  def row(r):
+    lanes = pc.deinterleave(x_ref[r], m)
+    keys = [pc.magnitude_key(lane) for lane in lanes]
+    slot_keys = []
+    for k in range(SLOTS):
+      js = [j for j in range(m) if slot[k][j] is not None]
+      value = keys[js[-1]]
+      for j in reversed(js[:-1]):
+        value = jnp.where(slot[k][j], keys[j], value)
+      slot_keys.append(value)
+    slot_keep = pc.keep_top_n(slot_keys, n)  # slots are in column order: ties go to the lower column
+    keep = []
+    for j in range(m):
+      terms = [slot[k][j] & slot_keep[k] for k in range(SLOTS) if slot[k][j] is not None]
+      kj = terms[0]
+      for t in terms[1:]:
+        kj = kj | t
+      keep.append(kj)
     for o, out_ref in zip(outputs, out_refs):
       if o == "y":
-        value = pc.interleave([jnp.where(k, lane, jnp.zeros((), lane.dtype)) for k, lane in zip(keep, lanes)])
+        out_ref[r] = pc.interleave([jnp.where(k, lane, jnp.zeros((), lane.dtype)) for k, lane in zip(keep, lanes)])
       elif o == "mask":
-        value = pc.interleave(keep)
+        out_ref[r] = pc.interleave(keep)
       else:
-        value = pc.pack_bits(keep)
-      out_ref[pl.ds(s * rs, rs), :] = value
+        out_ref[r] = pc.pack_bits(keep)
+
+  # A loop, not v unrolled copies: small code (fast to compile, also in interpret mode); the row's loads are cache hits.
+  jax.lax.fori_loop(0, v, lambda r, carry: (row(r), carry)[1], 0)
 
 
 def vnm_select(x_RxC: jax.Array, v: int, n: int, m: int, *, outputs=("y",), interpret: bool = False,
@@ -87,7 +101,7 @@ def vnm_select(x_RxC: jax.Array, v: int, n: int, m: int, *, outputs=("y",), inte
   config = config or DEFAULT_CONFIG
   outputs = tuple(outputs)
   R, C = x_RxC.shape
-  bc = pc.pow2_block(C, max(m, min(config.block_cols, max(m, pc.MAX_BLOCK_ELEMENTS // v))))
+  bc = pc.pow2_block(C, max(m, config.block_cols))
   nc = C // bc
 
   def index_map(p):
