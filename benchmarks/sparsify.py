@@ -43,11 +43,10 @@ class Op:
 
 ROWWISE_CONFIGS = (BlockConfig(2, 1024, 4), BlockConfig(4, 1024, 4), BlockConfig(4, 1024, 8),
                    BlockConfig(8, 1024, 8), BlockConfig(4, 512, 4), BlockConfig(2, 2048, 8))
-TRANSPOSABLE_CONFIGS = (BlockConfig(8, 256, 4), BlockConfig(16, 256, 4), BlockConfig(32, 256, 4),
-                        BlockConfig(16, 512, 4), BlockConfig(16, 256, 8), BlockConfig(32, 256, 8),
-                        BlockConfig(8, 256, 2))
-VNM_CONFIGS = (BlockConfig(64, 128, 1), BlockConfig(64, 256, 1), BlockConfig(64, 512, 2), BlockConfig(64, 256, 2),
-               BlockConfig(64, 1024, 4), BlockConfig(64, 512, 1))
+TRANSPOSABLE_CONFIGS = (BlockConfig(16, 512, 4), BlockConfig(8, 256, 2), BlockConfig(32, 512, 8),
+                        BlockConfig(16, 1024, 8), BlockConfig(8, 512, 4))
+VNM_CONFIGS = (BlockConfig(1, 256, 1), BlockConfig(4, 256, 1), BlockConfig(8, 256, 1), BlockConfig(16, 256, 1),
+               BlockConfig(4, 512, 2), BlockConfig(8, 512, 2), BlockConfig(4, 1024, 4), BlockConfig(8, 128, 1))
 
 
 def _interp() -> bool:
@@ -121,7 +120,7 @@ def run(shape, dtype, ops, tune: bool) -> list[dict]:
       traceback.print_exc()
       continue
     gbps = nbytes / ms / 1e6
-    config = dict(op=op.name, shape=list(shape), dtype=jnp.dtype(dtype).name)
+    config = dict(op=op.name, shape=list(shape), dtype=jnp.dtype(dtype).name, block=_config_of(op.name))
     records.append(record("sparsify", config=config, metric="gbps", baseline="copy", ours=gbps, base=copy_gbps,
                           shape=list(shape), dtype=jnp.dtype(dtype).name, op=op.name, ms=ms, gbps=gbps,
                           copy_ms=copy_ms, copy_gbps=copy_gbps, ratio_to_copy=gbps / copy_gbps, ref_ms=ref_ms,
@@ -132,6 +131,37 @@ def run(shape, dtype, ops, tune: bool) -> list[dict]:
   return records
 
 
+_DEFAULTS = {  # op -> (module, attribute) of the kernel's default config
+    "nm_prune_2_4": (nm_pallas, "DEFAULT_CONFIG"),
+    "soft_threshold_24": (nm_pallas, "SOFT_THRESHOLD_CONFIG"),
+    "squared_relu_nm_2_4": (act_pallas, "DEFAULT_CONFIG"),
+    "transposable_24_mask": (pallas_transposable, "DEFAULT_CONFIG"),
+    "vnm_prune_64_2_8": (vnm_pallas, "DEFAULT_CONFIG"),
+    "pack_24": (pallas_pack, "DEFAULT_CONFIG"),
+}
+
+
+def _use_best(path: str) -> None:
+  """Sets each tuned op's default config to its fastest in a --tune file (the defaults to commit are these)."""
+  import json
+  best = {}
+  for r in json.load(open(path)):
+    if r["op"] not in best or r["ms"] < best[r["op"]]["ms"]:
+      best[r["op"]] = r
+  for op, r in best.items():
+    module, attr = _DEFAULTS[op]
+    cfg = BlockConfig(r["block_rows"], r["block_cols"], r["num_warps"])
+    print(f"{op}: using {cfg}", flush=True)
+    setattr(module, attr, cfg)
+
+
+def _config_of(op_name: str) -> dict:
+  if op_name not in _DEFAULTS:
+    return {}
+  module, attr = _DEFAULTS[op_name]
+  return dataclasses.asdict(getattr(module, attr))
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", required=True, help="results JSON path")
@@ -140,10 +170,13 @@ def main(argv=None) -> None:
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--ops", nargs="*", help="subset of op names")
   parser.add_argument("--interpret", action="store_true", help="CPU smoke test: kernels in interpret mode")
+  parser.add_argument("--best-from", help="a --tune results file: run with each op's fastest config")
   args = parser.parse_args(argv)
   interpret = jsparse.pallas_interpret(args.interpret)  # kept referenced: the flag lives while the block is open
   interpret.__enter__()
   ops = [op for op in _ops() if not args.ops or op.name in args.ops]
+  if args.best_from:
+    _use_best(args.best_from)
   print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}", flush=True)
   records = run(tuple(args.shape), jnp.dtype(args.dtype), ops, args.tune)
   write_results(args.out, records)

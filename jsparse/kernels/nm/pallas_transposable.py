@@ -20,7 +20,7 @@ from jsparse.kernels.nm import reference as ref
 from jsparse.kernels.nm.pallas_common import BlockConfig
 
 # block_rows counts rows of x (4 per tile row). Tuned on an H100 for 16384 x 8192 bf16.
-DEFAULT_CONFIG = BlockConfig(block_rows=16, block_cols=256, num_warps=4, num_stages=1)
+DEFAULT_CONFIG = BlockConfig(block_rows=16, block_cols=512, num_warps=4, num_stages=1)
 OUTPUTS = ("y", "mask")
 
 
