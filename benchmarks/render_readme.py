@@ -1,7 +1,9 @@
 """Regenerates the README's benchmark tables from ``benchmarks/results/*.json``.
 
 Each results file NAME.json is rendered between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` markers in
-README.md (markers without a results file are left alone). Run: ``python -m benchmarks.render_readme``.
+README.md (markers without a results file are left alone). A marker may filter the records with ``key=value`` pairs
+(``<!-- results:remat metric=time baseline=save_dense -->``): ``key`` is a record field or ``config.FIELD``, compared
+as text (``a|b`` matches either); ``extra=f1,f2`` adds those record fields as columns. Run: ``python -m benchmarks.render_readme``.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
-def render(records: list[dict[str, Any]]) -> str:
-  """A markdown table: the config keys that vary, then metric, baseline, ours, base and ratio."""
+def render(records: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> str:
+  """A markdown table: the config keys that vary, then metric, baseline, ours, base, ratio and ``extra`` fields."""
   if not records:
     return "_no records_"
   keys: list[str] = []
@@ -39,12 +41,13 @@ def render(records: list[dict[str, Any]]) -> str:
         keys.append(k)
   varying = [k for k in keys if len({json.dumps(r.get("config", {}).get(k), sort_keys=True) for r in records}) > 1]
   fixed = {k: records[0]["config"].get(k) for k in keys if k not in varying}
-  cols = varying + ["metric", "baseline", "ours", "base", "ratio"]
+  cols = varying + ["metric", "baseline", "ours", "base", "ratio", *extra]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for r in records:
     cells = [_fmt(r.get("config", {}).get(k, "")) for k in varying]
     ratio = "skipped" if r.get("ratio") is None else f"**{r['ratio']:.2f}×**"
     cells += [str(r["metric"]), str(r["baseline"]), _fmt(r.get("ours")), _fmt(r.get("base")), ratio]
+    cells += [_fmt(r.get(k)) for k in extra]
     lines.append("| " + " | ".join(cells) + " |")
   devices = sorted({r["device"] for r in records})
   dates = sorted({r["date"] for r in records})
@@ -55,15 +58,30 @@ def render(records: list[dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n" + note
 
 
+_MARKER = re.compile(r"(<!-- results:([\w-]+)((?: [\w.]+=[^ >]+)*) -->\n)(.*?)\n?(<!-- /results:\2 -->)", re.S)
+
+
+def _matches(record: dict[str, Any], filters: list[tuple[str, str]]) -> bool:
+  for key, want in filters:
+    value = record.get("config", {}).get(key[len("config."):]) if key.startswith("config.") else record.get(key)
+    if _fmt(value) not in want.split("|") and str(value) not in want.split("|"):
+      return False
+  return True
+
+
 def update(readme: str, results_dir: pathlib.Path = RESULTS) -> str:
-  for path in sorted(results_dir.glob("*.json")):
-    name = path.stem
-    pattern = re.compile(rf"(<!-- results:{re.escape(name)} -->\n).*?(\n<!-- /results:{re.escape(name)} -->)", re.S)
-    if not pattern.search(readme):
-      continue
-    table = render(json.loads(path.read_text()))
-    readme = pattern.sub(lambda m: m.group(1) + table + m.group(2), readme)
-  return readme
+  def replace(m: re.Match) -> str:
+    path = results_dir / f"{m.group(2)}.json"
+    if not path.exists():
+      return m.group(0)
+    filters = [tuple(kv.split("=", 1)) for kv in m.group(3).split()]
+    extra = tuple(v for k, v in filters if k == "extra")
+    extra = tuple(f for e in extra for f in e.split(","))
+    filters = [(k, v) for k, v in filters if k != "extra"]
+    records = [r for r in json.loads(path.read_text()) if _matches(r, filters)]
+    return m.group(1) + render(records, extra) + "\n" + m.group(5)
+
+  return _MARKER.sub(replace, readme)
 
 
 def main() -> None:

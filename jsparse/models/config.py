@@ -242,6 +242,9 @@ class TransformerConfig:
       if not isinstance(c, FFNConfig):
         raise ValueError(f"{op}: ffn_overrides[{i}] must be an FFNConfig, got {type(c).__name__}")
     _check_choice(op, "attention_implementation", self.attention_implementation, ATTENTION_IMPLEMENTATIONS)
+    for c in (self.ffn, *(c for _, c in self.ffn_overrides)):
+      if c.activation_sparsity == "vnm":
+        c.router_config().group_size(self.d_ff)  # F must split into E groups of a multiple of router_block
     if self.remat is not None:
       _ops.remat_policy(self.remat)  # raises on an unknown name
 
