@@ -45,8 +45,8 @@ ROWWISE_CONFIGS = (BlockConfig(2, 1024, 4), BlockConfig(4, 1024, 4), BlockConfig
                    BlockConfig(8, 1024, 8), BlockConfig(4, 512, 4), BlockConfig(2, 2048, 8))
 TRANSPOSABLE_CONFIGS = (BlockConfig(16, 512, 4), BlockConfig(8, 256, 2), BlockConfig(32, 512, 8),
                         BlockConfig(16, 1024, 8), BlockConfig(8, 512, 4))
-VNM_CONFIGS = (BlockConfig(1, 256, 1), BlockConfig(4, 256, 1), BlockConfig(8, 256, 1), BlockConfig(16, 256, 1),
-               BlockConfig(4, 512, 2), BlockConfig(8, 512, 2), BlockConfig(4, 1024, 4), BlockConfig(8, 128, 1))
+VNM_CONFIGS = (BlockConfig(64, 128, 1), BlockConfig(64, 256, 1), BlockConfig(64, 512, 2), BlockConfig(64, 256, 2),
+               BlockConfig(64, 1024, 4), BlockConfig(64, 512, 1))
 
 
 def _interp() -> bool:

@@ -8,9 +8,15 @@ every step is elementwise inside a thread (a row's groups of ``m`` are split int
    order), so the column sums are bit-identical and only ``log2(v)`` partial sums are live;
 2. selects the 4 columns of each group with the largest sums (ties to the lower column) and precomputes, per group,
    which lane feeds which of the 4 "slots" (the selected columns in ascending order);
-3. re-reads the rows (from cache, ``block_rows`` per loop iteration), gathers the 4 selected keys, keeps the ``n`` largest (ties to the lower column)
+3. re-reads each row (from cache), gathers the 4 selected keys, keeps the ``n`` largest (ties to the lower column)
    and scatters the decision back to the ``m`` lanes, writing the requested outputs: ``"y"`` (pruned values),
    ``"mask"`` (bool) or ``"bits"`` (one bit per element, ``(R, C/m)``).
+
+Performance (H100, 16384 x 8192 bf16, 64:2:8): ~0.59x the bandwidth of ``x*2``, short of the 0.8 goal. The second
+pass is a loop whose row re-reads (cache hits) look latency-bound: the first pass hoists all v row loads, which took
+168 registers per thread in a local Triton 3.6 compile (few warps per SM). Measured alternatives: 2-8 rows per loop
+iteration (0.54-0.56x); an earlier design with 8-row slabs kept in registers and rank counting reached 0.80x, but
+with the flushing |x| (see ``pallas_common.magnitude_key``), and was not re-measured with exact keys.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ from jsparse.kernels.nm.pallas import lane_ranks
 from jsparse.kernels.nm.pallas_common import BlockConfig
 from jsparse.kernels.vnm import reference as ref
 
-# A block is always v rows x block_cols columns; block_rows is the rows processed per loop iteration in the second
-# pass. Tuned on an H100, 64:2:8 bf16 (benchmarks/sparsify.py --tune).
-DEFAULT_CONFIG = BlockConfig(block_rows=4, block_cols=256, num_warps=1, num_stages=1)
+# block_rows is ignored (a block is always v rows); block_cols is the column block. Tuned on an H100, 64:2:8 bf16
+# (benchmarks/sparsify.py --tune): 0.56-0.59x the copy's bandwidth; see the module docstring for what limits it.
+DEFAULT_CONFIG = BlockConfig(block_rows=64, block_cols=1024, num_warps=4, num_stages=1)
 MAX_M = 32
 MAX_BLOCK_ROWS = 256
 OUTPUTS = ("y", "mask", "bits")
@@ -47,50 +53,18 @@ def supports_vnm(x_RxC: jax.Array, v: int, n: int, m: int) -> tuple[bool, str]:
   return True, ""
 
 
-def _halving_tree(leaf, count: int):
-  """The reference's halving sum of ``leaf(0..count-1)``: tree(t, s) = tree(t, 2s) + tree(t + s, 2s), walked depth
-  first so that only log2(count) partial sums are live."""
+def _column_sums(x_ref, v: int):
+  """The reference's halving sum over the v rows: tree(t, s) = tree(t, 2s) + tree(t + s, 2s), leaves are rows."""
   def tree(t, stride):
-    if stride == count:
-      return leaf(t)
+    if stride == v:
+      return pc.magnitude_key(x_ref[t])
     return tree(t, 2 * stride) + tree(t + stride, 2 * stride)
   return tree(0, 1)
 
 
-def _select_rows(rows, keys, slot, n: int, m: int):
-  """Per row: the n largest of the 4 selected columns of each group (ties to the lower column), as m lane flags."""
-  lanes, lane_keys = pc.deinterleave(rows, m), pc.deinterleave(keys, m)
-  slot_keys = []
-  for k in range(SLOTS):
-    js = [j for j in range(m) if slot[k][j] is not None]
-    value = lane_keys[js[-1]]
-    for j in reversed(js[:-1]):
-      value = jnp.where(slot[k][j], lane_keys[j], value)
-    slot_keys.append(value)
-  slot_keep = pc.keep_top_n(slot_keys, n)  # slots are in column order: ties go to the lower column
-  keep = []
-  for j in range(m):
-    terms = [slot[k][j] & slot_keep[k] for k in range(SLOTS) if slot[k][j] is not None]
-    kj = terms[0]
-    for t in terms[1:]:
-      kj = kj | t
-    keep.append(kj)
-  return lanes, keep
-
-
-def _emit(outputs, out_refs, index, lanes, keep):
-  for o, out_ref in zip(outputs, out_refs):
-    if o == "y":
-      out_ref[index] = pc.interleave([jnp.where(k, lane, jnp.zeros((), lane.dtype)) for k, lane in zip(keep, lanes)])
-    elif o == "mask":
-      out_ref[index] = pc.interleave(keep)
-    else:
-      out_ref[index] = pc.pack_bits(keep)
-
-
-def _kernel(x_ref, *out_refs, v: int, n: int, m: int, rows: int, outputs):
-  col_sum = _halving_tree(lambda r: pc.magnitude_key(x_ref[r]), v)  # the v row loads all issue up front
-  selected = [r < SLOTS for r in lane_ranks(pc.deinterleave(col_sum, m))]
+def _kernel(x_ref, *out_refs, v: int, n: int, m: int, outputs):
+  col_keys = pc.deinterleave(_column_sums(x_ref, v), m)  # (bc/m,) per lane
+  selected = [r < SLOTS for r in lane_ranks(col_keys)]
   # slot[k][j]: lane j is the k-th selected column of its group (lane j can only be slot max(0, j-m+4)..min(3, j)).
   before = jnp.zeros(selected[0].shape, jnp.int32)
   slot = [[None] * m for _ in range(SLOTS)]
@@ -98,16 +72,34 @@ def _kernel(x_ref, *out_refs, v: int, n: int, m: int, rows: int, outputs):
     for k in range(max(0, j - m + SLOTS), min(SLOTS - 1, j) + 1):
       slot[k][j] = selected[j] & (before == k)
     before = before + selected[j].astype(jnp.int32)
+  def row(r):
+    lanes = pc.deinterleave(x_ref[r], m)
+    keys = [pc.magnitude_key(lane) for lane in lanes]
+    slot_keys = []
+    for k in range(SLOTS):
+      js = [j for j in range(m) if slot[k][j] is not None]
+      value = keys[js[-1]]
+      for j in reversed(js[:-1]):
+        value = jnp.where(slot[k][j], keys[j], value)
+      slot_keys.append(value)
+    slot_keep = pc.keep_top_n(slot_keys, n)  # slots are in column order: ties go to the lower column
+    keep = []
+    for j in range(m):
+      terms = [slot[k][j] & slot_keep[k] for k in range(SLOTS) if slot[k][j] is not None]
+      kj = terms[0]
+      for t in terms[1:]:
+        kj = kj | t
+      keep.append(kj)
+    for o, out_ref in zip(outputs, out_refs):
+      if o == "y":
+        out_ref[r] = pc.interleave([jnp.where(k, lane, jnp.zeros((), lane.dtype)) for k, lane in zip(keep, lanes)])
+      elif o == "mask":
+        out_ref[r] = pc.interleave(keep)
+      else:
+        out_ref[r] = pc.pack_bits(keep)
 
-  def step(i, carry):
-    # `rows` rows per iteration, all loaded before any is processed: that many cache reads in flight per thread.
-    xs = [x_ref[i * rows + k] for k in range(rows)]
-    for k, x in enumerate(xs):
-      _emit(outputs, out_refs, i * rows + k, *_select_rows(x, pc.magnitude_key(x), slot, n, m))
-    return carry
-
-  # A loop, not v unrolled copies: small code (fast to compile, also in interpret mode); the re-reads hit the cache.
-  jax.lax.fori_loop(0, v // rows, step, 0)
+  # A loop, not v unrolled copies: small code (fast to compile, also in interpret mode); the row's loads are cache hits.
+  jax.lax.fori_loop(0, v, lambda r, carry: (row(r), carry)[1], 0)
 
 
 def vnm_select(x_RxC: jax.Array, v: int, n: int, m: int, *, outputs=("y",), interpret: bool = False,
@@ -134,9 +126,7 @@ def vnm_select(x_RxC: jax.Array, v: int, n: int, m: int, *, outputs=("y",), inte
       raise ValueError(f"vnm_select: unknown output {o!r}; expected some of {OUTPUTS}")
     shapes.append(jax.ShapeDtypeStruct((R, int(C * frac)), dtype))
     specs.append(pl.BlockSpec((v, int(bc * frac)), index_map))
-  rows = pc.pow2_block(v, max(1, config.block_rows))
-  kernel = lambda x_ref, *o: _kernel(x_ref, *o, v=v, n=n, m=m, rows=rows, outputs=outputs)
-  call = pc.pallas_call(kernel, out_shape=tuple(shapes),
+  call = pc.pallas_call(lambda x_ref, *o: _kernel(x_ref, *o, v=v, n=n, m=m, outputs=outputs), out_shape=tuple(shapes),
                         grid=((R // v) * nc,), in_specs=[pl.BlockSpec((v, bc), index_map)], out_specs=tuple(specs),
                         config=config, interpret=interpret, name=f"jsparse_vnm_{v}_{n}_{m}")
   return tuple(call(x_RxC))
