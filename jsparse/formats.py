@@ -1,7 +1,7 @@
 """Packed sparse formats as pytrees: 2:4 (values + 2-bit indices) and V:N:M (values + kept columns + indices).
 
 Both are jsparse's own layouts, documented here, for storage (compressed remat, checkpoints) and for the XLA/Pallas
-paths. cuSPARSELt's compressed operand is a different, opaque layout produced by ``jsparse.compress_24_cusparselt``.
+paths. cuSPARSELt's compressed operand is a different, opaque layout produced by ``jsparse.compress_24``.
 
 **Sparse24** (groups of 4 along the last axis ``K``):
 

@@ -60,19 +60,20 @@ def gradient_mode(op: str, gradient: str, kept_scale: float | None = None,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def select_with_gradient(forward: Callable[[jax.Array], tuple[jax.Array, jax.Array]], mode: GradientMode,
-                         x: jax.Array) -> jax.Array:
-  """``forward(x) -> (y, mask)``; returns y, differentiated with ``mode`` against ``mask``.
+def select_with_gradient(forward: Callable[[jax.Array, bool], tuple[jax.Array, jax.Array | None]],
+                         mode: GradientMode, x: jax.Array) -> jax.Array:
+  """``forward(x, need_mask) -> (y, mask or None)``; returns y, differentiated with ``mode`` against the mask.
 
-  ``forward`` must be a hashable static callable (a module-level function or a ``functools.partial`` of one with
-  static arguments), so a kernel that computes y and the pattern in one pass is called once.
+  ``forward`` is told whether the pattern is needed: not at all in the primal (a plain forward call), and in the VJP's
+  forward only when the gradient mode uses it -- so the op users call writes nothing but its values, and a mode that
+  needs the pattern gets it in the kernel's compact form, expanded inside the backward's own fusion. ``forward``
+  must be a hashable static callable (:func:`static_partial` of a module-level function).
   """
-  return forward(x)[0]
+  return forward(x, False)[0]
 
 
 def _select_fwd(forward, mode, x):
-  y, mask = forward(x)
-  return y, (mask if mode.needs_mask else None)
+  return forward(x, mode.needs_mask)
 
 
 def _select_bwd(forward, mode, mask, g):

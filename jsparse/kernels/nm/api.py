@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 
 from jsparse.kernels import _common as common
-from jsparse.kernels._gradient import apply_mask, gradient_mode, static_partial
+from jsparse.kernels._gradient import apply_mask, gradient_mode, select_with_gradient, static_partial
 from jsparse.kernels.nm import pallas as nm_pallas
 from jsparse.kernels.nm import pallas_common
 from jsparse.kernels.nm import pallas_transposable
 from jsparse.kernels.nm import reference as ref
-from jsparse.kernels.nm.select import select_with_gradient
 
 
 def _to_rows(x: jax.Array, axis: int) -> tuple[jax.Array, tuple]:

@@ -6,9 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from jsparse.kernels import _common as common
-from jsparse.kernels._gradient import gradient_mode, static_partial
+from jsparse.kernels._gradient import gradient_mode, select_with_gradient, static_partial
 from jsparse.kernels.nm import pallas_common
-from jsparse.kernels.nm.select import select_with_gradient
 from jsparse.kernels.vnm import pallas as vnm_pallas
 from jsparse.kernels.vnm import reference as ref
 
