@@ -39,6 +39,8 @@ def render(records: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> str:
     for k in r.get("config", {}):
       if k not in keys:
         keys.append(k)
+  # Dict-valued settings (kernel block shapes and the like) stay in the JSON: they do not fit a table cell.
+  keys = [k for k in keys if not any(isinstance(r.get("config", {}).get(k), dict) for r in records)]
   varying = [k for k in keys if len({json.dumps(r.get("config", {}).get(k), sort_keys=True) for r in records}) > 1]
   fixed = {k: records[0]["config"].get(k) for k in keys if k not in varying}
   cols = varying + ["metric", "baseline", "ours", "base", "ratio", *extra]
