@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -23,42 +25,27 @@ KERNEL_ROW_TILES = (64, 128)
 # Neuron permutation of the weights, with gather-only gradients.
 
 
-@jax.custom_vjp
-def _take_cols(w_DxF, perm_F, inv_F):
-  return jnp.take(w_DxF, perm_F, axis=1, unique_indices=True)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _take_neurons(w, perm_F, inv_F, axis):
+  """``take(w, perm_F, axis)`` whose gradient is the inverse gather (not a scatter-add)."""
+  return jnp.take(w, perm_F, axis=axis, unique_indices=True)
 
 
-def _take_cols_fwd(w, perm, inv):
-  return _take_cols(w, perm, inv), inv
+def _take_neurons_fwd(w, perm, inv, axis):
+  return _take_neurons(w, perm, inv, axis), inv
 
 
-def _take_cols_bwd(inv, g):
-  return jnp.take(g, inv, axis=1, unique_indices=True), None, None
+def _take_neurons_bwd(axis, inv, g):
+  return jnp.take(g, inv, axis=axis, unique_indices=True), None, None
 
 
-_take_cols.defvjp(_take_cols_fwd, _take_cols_bwd)
-
-
-@jax.custom_vjp
-def _take_rows(w_FxD, perm_F, inv_F):
-  return jnp.take(w_FxD, perm_F, axis=0, unique_indices=True)
-
-
-def _take_rows_fwd(w, perm, inv):
-  return _take_rows(w, perm, inv), inv
-
-
-def _take_rows_bwd(inv, g):
-  return jnp.take(g, inv, axis=0, unique_indices=True), None, None
-
-
-_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+_take_neurons.defvjp(_take_neurons_fwd, _take_neurons_bwd)
 
 
 def group_weights(w1_DxF: jax.Array, w2_FxD: jax.Array, perm_F: jax.Array) -> tuple[jax.Array, jax.Array]:
   """W1's columns and W2's rows in router order (group g contiguous); the gradient is gathered back."""
   inv_F = jnp.zeros_like(perm_F).at[perm_F].set(jnp.arange(perm_F.shape[0], dtype=perm_F.dtype))
-  return _take_cols(w1_DxF, perm_F, inv_F), _take_rows(w2_FxD, perm_F, inv_F)
+  return _take_neurons(w1_DxF, perm_F, inv_F, 1), _take_neurons(w2_FxD, perm_F, inv_F, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
