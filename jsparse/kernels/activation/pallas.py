@@ -10,8 +10,6 @@ Outputs (any subset, in order): ``"h"``, ``"mask"`` (bool, ``(R, K)``) and ``"bi
 
 from __future__ import annotations
 
-import fractions
-
 import jax
 import jax.numpy as jnp
 
@@ -21,7 +19,6 @@ from jsparse.kernels.nm.pallas import launch_rowwise, supports_nm
 from jsparse.kernels.nm.pallas_common import BlockConfig
 
 DEFAULT_CONFIG = NM_DEFAULT_CONFIG
-OUTPUTS = ("h", "mask", "bits")
 
 
 def supports(x_RxK: jax.Array, n: int, m: int) -> tuple[bool, str]:
@@ -53,16 +50,7 @@ def squared_relu_nm(x_RxK: jax.Array, n: int, m: int, *, outputs=("h", "mask"), 
                     config: BlockConfig | None = None) -> tuple[jax.Array, ...]:
   """relu(x)^2 pruned N:M along the rows in one pass; returns the requested ``outputs``."""
   outputs = tuple(outputs)
-  specs = []
-  for o in outputs:
-    if o == "h":
-      specs.append((x_RxK.dtype, fractions.Fraction(1)))
-    elif o == "mask":
-      specs.append((jnp.bool_, fractions.Fraction(1)))
-    elif o == "bits":
-      specs.append((pc.bits_dtype(m), fractions.Fraction(1, m)))
-    else:
-      raise ValueError(f"squared_relu_nm: unknown output {o!r}; expected some of {OUTPUTS}")
+  specs = pc.output_specs("squared_relu_nm", x_RxK.dtype, m, outputs, value="h")
   body = lambda x: _body(x, n=n, m=m, outputs=outputs)
   return launch_rowwise(body, [x_RxK], specs, min_cols=m, config=config or DEFAULT_CONFIG, interpret=interpret,
                         name=f"jsparse_squared_relu_{n}_{m}")

@@ -30,7 +30,6 @@ from jsparse.kernels.nm.pallas_common import BlockConfig
 DEFAULT_CONFIG = BlockConfig(block_rows=4, block_cols=1024, num_warps=4, num_stages=1)
 SOFT_THRESHOLD_CONFIG = BlockConfig(block_rows=4, block_cols=512, num_warps=4, num_stages=1)
 MAX_M = 32
-NM_OUTPUTS = ("y", "mask", "bits")
 
 
 def supports_nm(x_RxK: jax.Array, n: int, m: int) -> tuple[bool, str]:
@@ -90,20 +89,6 @@ def launch_rowwise(body: Callable[..., Sequence[jax.Array]], inputs: Sequence[ja
   return tuple(call(*inputs))
 
 
-def _nm_out_specs(dtype, m: int, outputs: Sequence[str]):
-  specs = []
-  for o in outputs:
-    if o == "y":
-      specs.append((dtype, fractions.Fraction(1)))
-    elif o == "mask":
-      specs.append((jnp.bool_, fractions.Fraction(1)))
-    elif o == "bits":
-      specs.append((pc.bits_dtype(m), fractions.Fraction(1, m)))
-    else:
-      raise ValueError(f"nm_select: unknown output {o!r}; expected some of {NM_OUTPUTS}")
-  return specs
-
-
 def _emit(outputs: Sequence[str], lanes: Sequence[jax.Array], keep: Sequence[jax.Array]) -> list[jax.Array]:
   out = []
   for o in outputs:
@@ -130,7 +115,7 @@ def nm_select(x_RxK: jax.Array, n: int, m: int, *, outputs: Sequence[str] = ("y"
               config: BlockConfig | None = None) -> tuple[jax.Array, ...]:
   """N:M selection along the rows of ``x_RxK`` in one pass; returns the requested ``outputs`` (see module doc)."""
   outputs = tuple(outputs)
-  specs = _nm_out_specs(x_RxK.dtype, m, outputs)
+  specs = pc.output_specs("nm_select", x_RxK.dtype, m, outputs)
   body = lambda x: _nm_body(x, n=n, m=m, outputs=outputs)
   return launch_rowwise(body, [x_RxK], specs, min_cols=m, config=config or DEFAULT_CONFIG, interpret=interpret,
                         name=f"jsparse_nm_{n}_{m}")
@@ -175,8 +160,7 @@ def soft_threshold_24(w_RxK: jax.Array, *, outputs: Sequence[str] = ("s",), inte
   """S-STE soft threshold of groups of 4 along the rows; ``outputs`` from ``"s"`` and the N:M ``"mask"``/``"bits"``
   of the two largest (the pattern the gradient modes use)."""
   outputs = tuple(outputs)
-  specs = [(w_RxK.dtype, fractions.Fraction(1)) if o == "s" else _nm_out_specs(w_RxK.dtype, 4, (o,))[0]
-           for o in outputs]
+  specs = pc.output_specs("soft_threshold_24", w_RxK.dtype, 4, outputs, value="s")
   body = lambda w: _soft_threshold_body(w, outputs=outputs)
   return launch_rowwise(body, [w_RxK], specs, min_cols=4, config=config or SOFT_THRESHOLD_CONFIG,
                         interpret=interpret, name="jsparse_soft_threshold_24")

@@ -15,6 +15,7 @@ Every per-group computation is then elementwise over lanes: no cross-thread traf
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -189,6 +190,28 @@ def bits_dtype(m: int):
   if m <= 16:
     return jnp.uint16
   return jnp.uint32
+
+
+def output_specs(op: str, dtype, m: int, outputs: Sequence[str], value: str = "y") -> list[tuple[Any, fractions.Fraction]]:
+  """``(dtype, fraction of the input's columns)`` of each requested output of a row-wise selection kernel.
+
+  ``value`` (the op's own result, named ``"y"``, ``"h"`` or ``"s"``) is shaped like the input, ``"mask"`` is one bool
+  per element and ``"bits"`` one bit per element packed per group of ``m``.
+
+  Raises:
+    ValueError: an output name the op does not have.
+  """
+  specs = []
+  for o in outputs:
+    if o == value:
+      specs.append((dtype, fractions.Fraction(1)))
+    elif o == "mask":
+      specs.append((jnp.bool_, fractions.Fraction(1)))
+    elif o == "bits":
+      specs.append((bits_dtype(m), fractions.Fraction(1, m)))
+    else:
+      raise ValueError(f"{op}: unknown output {o!r}; expected some of {(value, 'mask', 'bits')}")
+  return specs
 
 
 def pack_bits(keep: Sequence[jax.Array]) -> jax.Array:

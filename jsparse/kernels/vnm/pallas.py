@@ -21,8 +21,6 @@ with the flushing |x| (see ``pallas_common.magnitude_key``), and was not re-meas
 
 from __future__ import annotations
 
-import fractions
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -37,7 +35,6 @@ from jsparse.kernels.vnm import reference as ref
 DEFAULT_CONFIG = BlockConfig(block_rows=64, block_cols=1024, num_warps=4, num_stages=1)
 MAX_M = 32
 MAX_BLOCK_ROWS = 256
-OUTPUTS = ("y", "mask", "bits")
 SLOTS = ref.SELECTED_COLUMNS
 
 
@@ -115,15 +112,7 @@ def vnm_select(x_RxC: jax.Array, v: int, n: int, m: int, *, outputs=("y",), inte
     return p // nc, p % nc
 
   shapes, specs = [], []
-  for o in outputs:
-    if o == "y":
-      dtype, frac = x_RxC.dtype, fractions.Fraction(1)
-    elif o == "mask":
-      dtype, frac = jnp.bool_, fractions.Fraction(1)
-    elif o == "bits":
-      dtype, frac = pc.bits_dtype(m), fractions.Fraction(1, m)
-    else:
-      raise ValueError(f"vnm_select: unknown output {o!r}; expected some of {OUTPUTS}")
+  for dtype, frac in pc.output_specs("vnm_select", x_RxC.dtype, m, outputs):
     shapes.append(jax.ShapeDtypeStruct((R, int(C * frac)), dtype))
     specs.append(pl.BlockSpec((v, int(bc * frac)), index_map))
   call = pc.pallas_call(lambda x_ref, *o: _kernel(x_ref, *o, v=v, n=n, m=m, outputs=outputs), out_shape=tuple(shapes),
