@@ -76,10 +76,12 @@ def build_model_config(config: TrainConfig):
     ValueError: unknown preset, unknown model key or an invalid model config.
   """
   base = models.preset(config.preset)
-  if config.ffn is not None:
-    base = dataclasses.replace(base, ffn=dataclasses.replace(base.ffn, **config_lib.FFN_MODES[config.ffn]))
   nested: dict[str, dict[str, Any]] = {}
   top: dict[str, Any] = {}
+  # The FFN mode and the model.* overrides go into one replace: the config checks combinations (e.g. routed groups
+  # against d_ff), so a mode that is valid only with its overrides must not be checked without them.
+  if config.ffn is not None:
+    nested["ffn"] = dict(config_lib.FFN_MODES[config.ffn])
   for key, value in config.model:
     head, _, rest = key.partition(".")
     if rest:

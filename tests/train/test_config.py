@@ -43,6 +43,15 @@ def test_model_config_from_ffn_mode_and_overrides():
   assert model_config.ffn.weight_sparsity_on == "w1" and model_config.ffn.activation_sparsity is None
 
 
+def test_ffn_mode_is_checked_together_with_its_model_overrides():
+  # routed on tiny (F=256) is valid only with a smaller router block; the mode must not be checked without it
+  cfg = from_preset("tiny", {"ffn": "routed", "model.ffn.router_block": 32, "model.ffn.num_groups": 4})
+  model_config = loop.build_model_config(cfg)
+  assert model_config.ffn.activation_sparsity == "vnm" and model_config.ffn.num_groups == 4
+  with pytest.raises(ValueError, match="not a multiple of block=128"):
+    loop.build_model_config(from_preset("tiny", {"ffn": "routed"}))
+
+
 BAD = [
     ({"optim.lrx": 1}, "unknown key 'optim.lrx'"),
     ({"optim.lr": "fast"}, "optim.lr must be float"),
