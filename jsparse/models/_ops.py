@@ -6,7 +6,7 @@
 * :func:`remat_policy` -- :func:`jsparse.remat_policy`'s names (``"save_dense"``, ``"compressed"``, ``"offload"``,
   ``"recompute"``), plus any ready-made ``jax.checkpoint_policies`` attribute (``"dots_saveable"``, ...).
 * :func:`op_implementation` / :func:`gemm_implementation` -- how an FFN's ``implementation`` maps onto the sparsify
-  ops (``None``/``"pallas"``/``"xla"``) and onto the GEMM (``None``/``"xla"``/``"cusparselt"``).
+  ops (``None``/``"pallas"``/``"xla"``) and onto the GEMM (``"xla"`` unless ``"cusparselt"`` is asked for).
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ def op_implementation(implementation: str | None) -> str | None:
 
 def gemm_implementation(implementation: str | None) -> str | None:
   """The ``implementation=`` for the 2:4 GEMM."""
-  # "pallas" = jsparse's Pallas sparsify kernels with XLA GEMMs (the 2:4 operands as dense arrays with zeros).
-  return {None: None, "pallas": "xla", "xla": "xla", "cusparselt": "cusparselt"}[implementation]
+  # "pallas" = jsparse's Pallas sparsify kernels with XLA GEMMs (the 2:4 operands as dense arrays with zeros). None
+  # picks that too: inside the FFN's fwd+bwd the cuSPARSELt route (per-call compression of T x F operands, the
+  # transposed backward operands) measured slower than XLA on the H100 (benchmarks/results/ffn.json, 0.23-0.77x).
+  return {None: "xla", "pallas": "xla", "xla": "xla", "cusparselt": "cusparselt"}[implementation]
 
 
 def remat_policy(name: str) -> Callable[..., bool]:

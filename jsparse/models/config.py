@@ -70,8 +70,9 @@ class FFNConfig:
       ``"bitmask"`` (1/16 + ``remat_capacity`` of dense; values beyond the capacity are dropped, consistently in the
       forward and the backward).
     remat_capacity: the bitmask's values buffer as a fraction of T x F.
-    implementation: ``None`` (best available: Pallas sparsify kernels on a GPU, 2:4 GEMMs through cuSPARSELt where
-      ``jsparse.sparse_matmul`` can run them), ``"pallas"`` (Pallas sparsify kernels, plain XLA GEMMs), ``"xla"``
+    implementation: ``None`` (the fastest measured: Pallas sparsify kernels on a GPU, XLA GEMMs on the 2:4 operands
+      -- in the FFN's fwd+bwd the cuSPARSELt route measured slower on the H100, ``benchmarks/results/ffn.json``),
+      ``"pallas"`` (Pallas sparsify kernels, plain XLA GEMMs), ``"xla"``
       (pure XLA) or ``"cusparselt"`` (cuSPARSELt 2:4 GEMMs, best sparsify kernels; raises where it cannot run).
     num_groups: ``"vnm"``: E, the number of neuron groups (d_ff/E must be a multiple of ``router_block``).
     router_block: ``"vnm"``: group sizes are multiples of this (128 = the grouped-GEMM tile; smaller for tests).
