@@ -198,7 +198,8 @@ class TransformerConfig:
     remat: checkpoint policy name applied to every block (``None``: none); FFNs without their own ``remat`` take it
       too, so that e.g. ``"compressed"`` stores the FFN residual packed and the block keeps only that.
     rope_theta, norm_eps: RoPE base and RMSNorm epsilon.
-    attention_implementation: passed to ``jax.nn.dot_product_attention`` (``None``, ``"xla"``, ``"cudnn"``).
+    attention_implementation: passed to ``jax.nn.dot_product_attention`` (``"xla"``, ``"cudnn"``); ``None`` = cuDNN's
+      fused attention on a GPU for bf16/fp16 compute where it accepts the shape, XLA otherwise.
   """
 
   vocab_size: int = 256

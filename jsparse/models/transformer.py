@@ -59,6 +59,18 @@ def apply_rope(x_BxLxNxH: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> 
   return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1).astype(x_BxLxNxH.dtype)
 
 
+def _attention(q, k, v, implementation: str | None) -> jax.Array:
+  """Causal attention; ``None`` picks cuDNN's fused (flash) kernel on a GPU for 16-bit inputs, else XLA."""
+  if implementation is None and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    # XLA's attention materialises the B x N x L x L scores; on the 1b shape that made attention, not the FFN,
+    # the largest part of the step. cuDNN rejects some shapes at trace time: those stay on XLA.
+    try:
+      return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError, TypeError):
+      pass
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+
 class Attention(nnx.Module):
   """Grouped-query causal self-attention with RoPE (no biases)."""
 
@@ -80,7 +92,7 @@ class Attention(nnx.Module):
     k = checkpoint_name((x_BxLxD @ self.wk[...].astype(dt)).reshape(B, L, self.kv_heads, self.head_dim), ATTN_K)
     v = checkpoint_name((x_BxLxD @ self.wv[...].astype(dt)).reshape(B, L, self.kv_heads, self.head_dim), ATTN_V)
     q, k = apply_rope(q, cos_LxK, sin_LxK), apply_rope(k, cos_LxK, sin_LxK)
-    o_BxLxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.implementation)
+    o_BxLxNxH = _attention(q, k, v, self.implementation)
     o_BxLxD = checkpoint_name(o_BxLxNxH.reshape(B, L, self.n_heads * self.head_dim), ATTN_OUT)
     return o_BxLxD @ self.wo[...].astype(dt)
 
