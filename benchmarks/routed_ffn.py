@@ -29,6 +29,7 @@ pre-activations. The router is ``jsparse.router_init`` (balanced k-means, 10 ite
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -45,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import _util  # noqa: E402
 from jsparse import router as rt  # noqa: E402
-from jsparse.kernels.grouped_matmul import pallas as gmm_pallas  # noqa: E402
+from jsparse.kernels.grouped_matmul import api as gmm_api  # noqa: E402
 from jsparse.kernels.routed_ffn import api as rf_api  # noqa: E402
 from jsparse.kernels.routed_ffn import layout as lay  # noqa: E402
 
@@ -138,7 +139,7 @@ def bench_config(name, E, records, impls, log):
   log(f"[{name} E={E}] counts min/mean/max {counts.min()}/{counts.mean():.0f}/{counts.max()} "
       f"captured mass {mass:.3f} (random groups {mass_rnd:.3f}) recluster {t_recluster:.1f} ms "
       f"relayout {t_relayout:.2f} ms")
-  times, outs = {}, {}
+  jobs = []  # (impl, pass, jitted fn, weight args)
   for impl in impls:
     if impl == "einsum_equal_groups" and E != 8:
       continue
@@ -158,137 +159,301 @@ def bench_config(name, E, records, impls, log):
       return rf_api.routed_ffn(x, w1, w2, st, cfg, row_tile=ROW_TILE, **kw)
 
     for pass_name, fn in (("fwd", jax.jit(f)), ("fwd+bwd", fwd_bwd(f))):
-      try:
-        t = timed(fn, x, a1, a2)
-      except Exception as e:  # a failing variant must not stop the others from being measured
-        log(f"[{name} E={E}] {impl} {pass_name} FAILED: {type(e).__name__}: {str(e)[:300]}")
-        traceback.print_exc(limit=3)
-        continue
-      times[(impl, pass_name)] = t
-      if pass_name == "fwd+bwd" and impl != "einsum_equal_groups":
-        outs[impl] = fn(x, a1, a2)
-        if impl == "ours_grouped_weights":  # grads back in the original neuron order, to compare
-          inv = jnp.argsort(perm)
-          loss, (dx, d1, d2) = outs[impl]
-          outs[impl] = (loss, (dx, rt.take_neurons(d1, inv, 1), rt.take_neurons(d2, inv, 0)))
-      conf = dict(shape=name, T=T, D=D, F=F, E=E, dtype="bfloat16", pass_=pass_name, impl=impl)
-      conf["pass"] = conf.pop("pass_")
-      extra = dict(info)
-      if impl.startswith("ours") and ("einsum", pass_name) in times:
-        extra["vs_einsum"] = round(times[("einsum", pass_name)] / t, 3)
-      if impl.startswith("ours") and ("einsum_equal_groups", pass_name) in times:
-        extra["vs_einsum_equal_groups"] = round(times[("einsum_equal_groups", pass_name)] / t, 3)
-      if impl.startswith("ours") and pass_name == "fwd+bwd" and "einsum" in outs and impl in outs:
-        extra["max_rel_err_vs_einsum"] = _rel_err(outs[impl], outs["einsum"])
-      goal = GOALS.get((name, E)) if (impl.startswith("ours") and pass_name == "fwd+bwd") else None
-      if goal is not None:
-        extra["goal"] = goal
-      records.append(_util.record("routed_ffn", config=conf, metric="time", baseline="xla_dense", ours=t,
-                                  base=t_dense[pass_name], **extra))
-      log(f"[{name} E={E}] {impl:22s} {pass_name:8s} {t:8.3f} ms  {t_dense[pass_name] / t:5.2f}x dense"
-          + (f"  {extra['vs_einsum']:.2f}x einsum" if "vs_einsum" in extra else ""))
+      jobs.append((impl, pass_name, fn, (a1, a2)))
+  compiled = compile_all([(fn, (x, *ws)) for _, _, fn, ws in jobs])
+  times, outs = {}, {}
+  for (impl, pass_name, _, (a1, a2)), fn in zip(jobs, compiled):
+    try:
+      if isinstance(fn, Exception):
+        raise fn
+      t = timed(fn, x, a1, a2)
+    except Exception as e:  # a failing variant must not stop the others from being measured
+      log(f"[{name} E={E}] {impl} {pass_name} FAILED: {type(e).__name__}: {str(e)[:300]}")
+      continue
+    times[(impl, pass_name)] = t
+    if pass_name == "fwd+bwd" and impl != "einsum_equal_groups":
+      outs[impl] = fn(x, a1, a2)
+      if impl == "ours_grouped_weights":  # grads back in the original neuron order, to compare
+        inv = jnp.argsort(perm)
+        loss, (dx, d1, d2) = outs[impl]
+        outs[impl] = (loss, (dx, rt.take_neurons(d1, inv, 1), rt.take_neurons(d2, inv, 0)))
+    conf = dict(shape=name, T=T, D=D, F=F, E=E, dtype="bfloat16", pass_=pass_name, impl=impl)
+    conf["pass"] = conf.pop("pass_")
+    extra = dict(info)
+    if impl.startswith("ours") and ("einsum", pass_name) in times:
+      extra["vs_einsum"] = round(times[("einsum", pass_name)] / t, 3)
+    if impl.startswith("ours") and ("einsum_equal_groups", pass_name) in times:
+      extra["vs_einsum_equal_groups"] = round(times[("einsum_equal_groups", pass_name)] / t, 3)
+    if impl.startswith("ours") and pass_name == "fwd+bwd" and "einsum" in outs and impl in outs:
+      extra["max_rel_err_vs_einsum"] = _rel_err(outs[impl], outs["einsum"])
+    goal = GOALS.get((name, E)) if (impl.startswith("ours") and pass_name == "fwd+bwd") else None
+    if goal is not None:
+      extra["goal"] = goal
+    records.append(_util.record("routed_ffn", config=conf, metric="time", baseline="xla_dense", ours=t,
+                                base=t_dense[pass_name], **extra))
+    log(f"[{name} E={E}] {impl:22s} {pass_name:8s} {t:8.3f} ms  {t_dense[pass_name] / t:5.2f}x dense"
+        + (f"  {extra['vs_einsum']:.2f}x einsum" if "vs_einsum" in extra else ""))
+
+
+def compile_all(jobs, threads=8):
+  """AOT-compiles ``[(jitted fn, args)]``: traced and lowered here, XLA-compiled in parallel threads (the backend
+  compile releases the GIL; the benchmark's wall time is mostly compilation). Returns the compiled callables (or the
+  exception of each failure), in order."""
+  lowered = []
+  for fn, args in jobs:
+    try:
+      lowered.append(fn.lower(*args))
+    except Exception as e:
+      lowered.append(e)
+
+  def comp(lw):
+    if isinstance(lw, Exception):
+      return lw
+    try:
+      return lw.compile()
+    except Exception as e:
+      return e
+
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    return list(pool.map(comp, lowered))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Kernel sweep (tile configurations per grouped GEMM at E=8).
+# Kernel sweep: TileConfig fields per grouped GEMM at E=8 with this shape's real (trained-like) routing, each config
+# checked against the current one, then the whole op (fwd+bwd, weights in router order) with the best config of
+# every GEMM against the current table, and the op's non-GEMM pieces timed alone.
 
-
-SWEEP_CONFIGS = {
-    "ws128x4": gmm_pallas.TileConfig(tile_n=128, stages=4),
-    "ws128x3": gmm_pallas.TileConfig(tile_n=128, stages=3),
-    "ws128x4s": gmm_pallas.TileConfig(tile_n=128, stages=4, dynamic_grid=False),
-    "ws128x4w8": gmm_pallas.TileConfig(tile_n=128, stages=4, grid_tile_width=8),
-    "ws64x4": gmm_pallas.TileConfig(tile_n=64, stages=4),
-    "simple128": gmm_pallas.TileConfig(tile_n=128, stages=4, warp_specialized=False),
+SWEEP_FIELDS = {
+    "base": {},
+    "f1": dict(mma_in_flight=1),
+    "cl": dict(cluster="auto"),
+    "clf1": dict(cluster="auto", mma_in_flight=1),
+    "m0": dict(grid_minor_dim=0),
+    "w8": dict(grid_tile_width=8),
+    "m0w8": dict(grid_minor_dim=0, grid_tile_width=8),
+    "s3": dict(stages=3),
+    "n64": dict(tile_n=64),
+    "n64cl": dict(tile_n=64, cluster="auto"),
+    "cln": dict(cluster="n"),
 }
+SWEEP_ONLY = {"n64": ("up", "dh"), "n64cl": ("up", "dh"), "cln": ("dw1", "dw2")}
+# Second stage: the best single change of each category that beats the base, combined.
+SWEEP_CATEGORIES = (("f1", "cl", "clf1", "cln"), ("m0", "w8", "m0w8"), ("s3", "n64", "n64cl"))
+SWEEP_GEMMS = ("up", "down", "dh", "dx", "dw1", "dw2")
 
 
-def sweep_shape(name, E, out_records, log, configs):
+def _fields(gemm, fields):
+  f = dict(fields)
+  if f.get("cluster") == "auto":
+    f["cluster"] = "m" if gemm.startswith("dw") else "n"
+  return f
+
+
+def _gemm_fns(E, layout, x_P, h, g, w1g, w2g):
+  tg, ts, tt = layout.tile_group_R, layout.tile_start_E, layout.tiles_E
+  impl = dict(implementation="pallas")
+  return {
+      "up": (lambda: gmm_api.grouped_matmul(x_P, w1g, tg, num_groups=E, group_axis="n", epilogue="square_relu",
+                                            **impl)),
+      "down": (lambda: gmm_api.grouped_matmul(h, w2g, tg, num_groups=E, group_axis="k", **impl)),
+      "dh": (lambda: gmm_api.grouped_matmul(g, w2g, tg, num_groups=E, group_axis="n", transpose_rhs=True,
+                                            epilogue="square_relu_grad", aux_PxN=h, **impl)),
+      "dx": (lambda: gmm_api.grouped_matmul(h, w1g, tg, num_groups=E, group_axis="k", transpose_rhs=True, **impl)),
+      "dw1": (lambda: gmm_api.grouped_matmul_t(x_P, h, ts, tt, row_tile=ROW_TILE, group_axis="n", **impl)),
+      "dw2": (lambda: gmm_api.grouped_matmul_t(h, g, ts, tt, row_tile=ROW_TILE, group_axis="m", **impl)),
+  }
+
+
+def _max_rel(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def sweep_shape(name, E, out_records, log, fields_names, deadline, best_from=None):
+  """Times TileConfig variants of the six GEMMs; returns {gemm: fastest correct fields}.
+
+  ``best_from`` (another shape's winners): time only those against the base.
+  """
   T, D, F = SHAPES[name]
   Fe = F // E
-  key = jax.random.split(jax.random.key(3), 6)
-  groups = jax.random.randint(key[0], (T,), 0, E)
-  layout = lay.make_layout(groups, E, ROW_TILE)
-  P = layout.num_rows
+  x, w1, w2, _ = shape_setup(name, log)
+  cfg = rt.RouterConfig(num_groups=E, block=ROW_TILE, kmeans_iters=10)
+  state = jax.jit(lambda w, k: rt.router_init(w, cfg, k))(w1, jax.random.key(1))
+  _, perm = rt.settle_permutation(state)
+  w1g, w2g = rt.take_neurons(w1, perm, 1), rt.take_neurons(w2, perm, 0)
+  groups = jax.jit(lambda a: rt.route_tokens(a, state, cfg))(x)
+  layout = jax.jit(lambda gr: lay.make_layout(gr, E, ROW_TILE))(groups)
+  x_P = jax.jit(lambda a: lay.to_padded(a, layout))(x)
+  h = jax.jit(lambda: gmm_api.grouped_matmul(x_P, w1g, layout.tile_group_R, num_groups=E, group_axis="n",
+                                             epilogue="square_relu", implementation="pallas"))()
+  g = jax.random.normal(jax.random.key(7), x_P.shape, x.dtype) * 1e-2
   used_rows = int(jnp.sum(layout.tiles_E)) * ROW_TILE
-  bf = jnp.bfloat16
-  x = jax.random.normal(key[1], (P, D), bf)
-  h = jax.random.normal(key[2], (P, Fe), bf)
-  w1 = jax.random.normal(key[3], (D, F), bf)
-  w2 = jax.random.normal(key[4], (F, D), bf)
-  g = jax.random.normal(key[5], (P, D), bf)
-  tg, ts, tt = layout.tile_group_R, layout.tile_start_E, layout.tiles_E
-  gemms = {
-      "up(relu2)": (lambda c: functools.partial(gmm_pallas.grouped_matmul, num_groups=E, group_axis="n",
-                                                transpose_rhs=False, epilogue="square_relu", cfg=c), (x, w1, tg), Fe),
-      "down": (lambda c: functools.partial(gmm_pallas.grouped_matmul, num_groups=E, group_axis="k",
-                                           transpose_rhs=False, epilogue=None, cfg=c), (h, w2, tg), D),
-      "dh(grad)": (lambda c: functools.partial(gmm_pallas.grouped_matmul, num_groups=E, group_axis="n",
-                                               transpose_rhs=True, epilogue="square_relu_grad", cfg=c),
-                   (g, w2, tg, jnp.abs(h)), Fe),
-      "dx": (lambda c: functools.partial(gmm_pallas.grouped_matmul, num_groups=E, group_axis="k",
-                                         transpose_rhs=True, epilogue=None, cfg=c), (h, w1, tg), D),
-      "dW1": (lambda c: functools.partial(gmm_pallas.grouped_matmul_t, row_tile=ROW_TILE, group_axis="n", cfg=c),
-              (x, h, ts, tt), None),
-      "dW2": (lambda c: functools.partial(gmm_pallas.grouped_matmul_t, row_tile=ROW_TILE, group_axis="m", cfg=c),
-              (h, g, ts, tt), None),
-  }
-  # Non-GEMM costs of the op (what the grouped GEMMs do not cover), each jitted alone.
-  xt = jax.random.normal(key[1], (T, D), bf)
-  cfg = rt.RouterConfig(num_groups=E, block=ROW_TILE)
-  state = rt.RouterState(jax.random.normal(key[2], (E, D), jnp.float32),
-                         jax.random.permutation(key[3], F).astype(jnp.int32), jnp.full((E,), Fe, jnp.int32),
-                         jnp.zeros((), jnp.int32))
+  flops = 2 * used_rows * D * Fe
+  fns = _gemm_fns(E, layout, x_P, h, g, w1g, w2g)
+  dims = {"dw1": (D, Fe), "dw2": (Fe, D)}
+  results = {gemm: {} for gemm in SWEEP_GEMMS}  # cname -> (ms, fields) for correct configs
+  base_out = {}
+
+  def run(jobs):
+    """jobs: [(gemm, cname, fields)]; lowers under each tuning, compiles in parallel, times one by one."""
+    jobs = [j for j in jobs if time.time() < deadline]
+    lowered = []
+    for gemm, cname, fields in jobs:
+      try:
+        with gmm_api.tuning(**{gemm: fields}):
+          lowered.append(jax.jit(fns[gemm]).lower())
+      except Exception as e:
+        lowered.append(e)
+    comp = compile_all([(_Lowered(lw), ()) for lw in lowered])
+    for (gemm, cname, fields), fn in zip(jobs, comp):
+      try:
+        if isinstance(fn, Exception):
+          raise fn
+        out = fn()
+        t = timed(fn, iters=10)
+      except Exception as e:
+        log(f"[sweep {name} E={E}] {gemm:4s} {cname:9s} FAILED: {type(e).__name__}: {str(e)[:400]}")
+        continue
+      if cname == "base":
+        base_out[gemm] = out
+      want = base_out.get(gemm, out)
+      err = _max_rel(out, want)
+      t_base = results[gemm].get("base", (t,))[0]
+      ok = err < 1e-2
+      if ok:
+        results[gemm][cname] = (t, fields)
+      tf = flops / t / 1e9
+      out_records.append(dict(shape=name, E=E, gemm=gemm, config=cname, fields=fields, ms=t, tflops=tf,
+                              vs_base=t_base / t, err_vs_base=err))
+      log(f"[sweep {name} E={E}] {gemm:4s} {cname:9s} {t:7.3f} ms {tf:6.0f} TF/s {t_base / t:5.3f}x base"
+          f" err {err:.1e}{'' if ok else ' WRONG'}")
+
+  def dividing(gemm, fields):
+    if not fields.get("cluster"):
+      return True
+    m, n = dims.get(gemm, (x_P.shape[0], D if gemm in ("down", "dx") else Fe))
+    with gmm_api.tuning(**{gemm: fields}):
+      return gmm_api.kernel_config(gemm, 128, m, n).cluster is not None
+
+  if best_from is not None:
+    run([(gm, c, f) for gm in SWEEP_GEMMS for c, f in (("base", {}), ("best", best_from.get(gm)))
+         if f is not None and (c == "base" or f)])
+  else:
+    stage1 = []
+    for gm in SWEEP_GEMMS:
+      for cname in ["base"] + [c for c in fields_names if c != "base"]:
+        if gm not in SWEEP_ONLY.get(cname, SWEEP_GEMMS):
+          continue
+        f = _fields(gm, SWEEP_FIELDS[cname])
+        if dividing(gm, f):
+          stage1.append((gm, cname, f))
+    for gm in SWEEP_GEMMS:  # one batch per GEMM, so that the deadline is checked between them
+      run([j for j in stage1 if j[0] == gm])
+    stage2 = []
+    for gm in SWEEP_GEMMS:
+      res = results[gm]
+      if "base" not in res:
+        continue
+      picks = []
+      for cat in SWEEP_CATEGORIES:
+        better = [c for c in cat if c in res and res[c][0] < 0.99 * res["base"][0]]
+        if better:
+          picks.append(min(better, key=lambda c: res[c][0]))
+      combos = [picks[i:j] for i in range(len(picks)) for j in range(i + 2, len(picks) + 1)]
+      for combo in combos:
+        f = {}
+        for c in combo:
+          f.update(res[c][1])
+        stage2.append((gm, "+".join(combo), f))
+    for gm in SWEEP_GEMMS:
+      run([j for j in stage2 if j[0] == gm])
+  best = {}
+  for gm in SWEEP_GEMMS:
+    res = results[gm]
+    if res:
+      k = min(res, key=lambda c: res[c][0])
+      best[gm] = res[k][1]
+      log(f"[sweep {name} E={E}] {gm:4s} best {k} {res[k][0]:.3f} ms (base {res.get('base', (float('nan'),))[0]:.3f})"
+          f" fields {res[k][1]}")
+  return best
+
+
+class _Lowered:
+  """Adapts an already-lowered computation (or the exception that lowering raised) to ``compile_all``."""
+
+  def __init__(self, lowered):
+    self.lowered = lowered
+
+  def lower(self):
+    if isinstance(self.lowered, Exception):
+      raise self.lowered
+    return self.lowered
+
+
+def sweep_pieces(name, E, out_records, log):
+  """The routed op's non-GEMM work, each piece jitted alone, and a plain copy of the gather's bytes."""
+  T, D, F = SHAPES[name]
+  x, w1, w2, _ = shape_setup(name, log)
+  cfg = rt.RouterConfig(num_groups=E, block=ROW_TILE, kmeans_iters=10)
+  state = jax.jit(lambda w, k: rt.router_init(w, cfg, k))(w1, jax.random.key(1))
+  groups = jax.jit(lambda a: rt.route_tokens(a, state, cfg))(x)
+  layout = jax.jit(lambda gr: lay.make_layout(gr, E, ROW_TILE))(groups)
+  x_P = jax.jit(lambda a: lay.to_padded(a, layout))(x)
   pieces = {
-      "route_tokens": (jax.jit(lambda a: rt.route_tokens(a, state, cfg)), (xt,)),
+      "route_tokens": (jax.jit(lambda a: rt.route_tokens(a, state, cfg)), (x,)),
       "make_layout": (jax.jit(lambda gr: lay.make_layout(gr, E, ROW_TILE)), (groups,)),
-      "to_padded": (jax.jit(lambda a: lay.to_padded(a, layout)), (xt,)),
-      "from_padded": (jax.jit(lambda a: lay.from_padded(a, layout)), (x,)),
+      "to_padded": (jax.jit(lambda a: lay.to_padded(a, layout)), (x,)),
+      "from_padded": (jax.jit(lambda a: lay.from_padded(a, layout)), (x_P,)),
+      "copy_x_plus_1": (jax.jit(lambda a: a + 1), (x,)),
       "group_weights": (jax.jit(lambda a, b: rf_api.group_weights(a, b, state.perm_F)), (w1, w2)),
   }
   for pname, (fn, args) in pieces.items():
     try:
       t = timed(fn, *args, iters=10)
-      out_records.append(dict(shape=name, E=E, gemm=pname, config="xla", ms=t, tflops=0.0))
-      log(f"[sweep {name} E={E}] overhead {pname:14s} {t:7.3f} ms")
     except Exception as e:
-      log(f"[sweep {name} E={E}] overhead {pname} FAILED: {type(e).__name__}: {str(e)[:300]}")
-  flops = 2 * used_rows * D * Fe
-  for gname, (make, args, n_out) in gemms.items():
-    for cname, c in configs.items():
-      if gname.startswith("dW"):
-        c = dataclasses.replace(c, tile_m=128)
-      else:
-        c = dataclasses.replace(c, tile_m=ROW_TILE)
-      n_check = (Fe if gname == "dW1" else D) if n_out is None else n_out
-      if n_check % c.cta_n:
-        continue
+      log(f"[pieces {name} E={E}] {pname} FAILED: {type(e).__name__}: {str(e)[:300]}")
+      continue
+    out_records.append(dict(shape=name, E=E, gemm=pname, config="xla", ms=t))
+    log(f"[pieces {name} E={E}] {pname:14s} {t:7.3f} ms")
+
+
+def sweep_op(name, E, variants, out_records, log):
+  """fwd+bwd and fwd of the whole op (pallas, weights in router order) under each {gemm: fields} variant."""
+  T, D, F = SHAPES[name]
+  x, w1, w2, t_dense = shape_setup(name, log)
+  cfg = rt.RouterConfig(num_groups=E, block=ROW_TILE, kmeans_iters=10)
+  state = jax.jit(lambda w, k: rt.router_init(w, cfg, k))(w1, jax.random.key(1))
+  settled, perm = rt.settle_permutation(state)
+  w1g, w2g = rt.take_neurons(w1, perm, 1), rt.take_neurons(w2, perm, 0)
+
+  def f(x, w1, w2):
+    return rf_api.routed_ffn(x, w1, w2, settled, cfg, row_tile=ROW_TILE, weights_grouped=True,
+                             implementation="pallas")
+
+  lowered = []
+  for per_gemm in variants.values():
+    for fn in (fwd_bwd(f), jax.jit(f)):
       try:
-        fn = jax.jit(make(c))
-        t = timed(fn, *args, iters=10)
+        with gmm_api.tuning(**per_gemm):
+          lowered.append(fn.lower(x, w1g, w2g))
       except Exception as e:
-        log(f"[sweep {name} E={E}] {gname} {cname} FAILED: {type(e).__name__}: {str(e)[:300]}")
-        continue
-      tf = flops / t / 1e9
-      out_records.append(dict(shape=name, E=E, gemm=gname, config=cname, ms=t, tflops=tf))
-      log(f"[sweep {name} E={E}] {gname:10s} {cname:10s} {t:7.3f} ms {tf:6.0f} TF/s")
-  # JAX's shipped Mosaic GPU ragged_dot (contiguous layout, [E, D, Fe] weights) on the up-projection.
-  try:
-    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-    pos, order, counts = lay.contiguous_order(groups, E)
-    xs = jax.random.normal(key[1], (T, D), bf)
-    w1e = w1.reshape(D, E, Fe).transpose(1, 0, 2)
-    for bm, bn in ((128, 128), (64, 128), (128, 64)):
-      fn = jax.jit(functools.partial(ragged_dot_mgpu.ragged_dot, block_m=bm, block_n=bn, block_k=64,
-                                     max_concurrent_steps=4, grid_block_n=1))
-      t = timed(lambda a, b, c: fn(a, b, group_sizes=c), xs, w1e, counts, iters=10)
-      tf = 2 * T * D * Fe / t / 1e9
-      out_records.append(dict(shape=name, E=E, gemm="up(jax ragged_dot_mgpu)", config=f"{bm}x{bn}", ms=t, tflops=tf))
-      log(f"[sweep {name} E={E}] up: jax ragged_dot_mgpu {bm}x{bn} {t:7.3f} ms {tf:6.0f} TF/s")
-    t = timed(jax.jit(lambda a, b, c: jax.lax.ragged_dot(a, b, c)), xs, w1e, counts)
-    log(f"[sweep {name} E={E}] up: jax.lax.ragged_dot {t:7.3f} ms {2 * T * D * Fe / t / 1e9:6.0f} TF/s")
-  except Exception as e:
-    log(f"[sweep {name} E={E}] ragged_dot_mgpu FAILED: {type(e).__name__}: {str(e)[:300]}")
+        lowered.append(e)
+  comp = compile_all([(_Lowered(lw), ()) for lw in lowered])
+  for i, (vname, per_gemm) in enumerate(variants.items()):
+    try:
+      fb, fw = comp[2 * i], comp[2 * i + 1]
+      for fn in (fb, fw):
+        if isinstance(fn, Exception):
+          raise fn
+      t = timed(fb, x, w1g, w2g)
+      tf = timed(fw, x, w1g, w2g)
+    except Exception as e:
+      log(f"[op {name} E={E}] {vname} FAILED: {type(e).__name__}: {str(e)[:300]}")
+      continue
+    out_records.append(dict(shape=name, E=E, gemm="op", config=vname, fields=per_gemm, ms=t, fwd_ms=tf,
+                            x_dense=t_dense["fwd+bwd"] / t, x_dense_fwd=t_dense["fwd"] / tf))
+    log(f"[op {name} E={E}] {vname:10s} fwd+bwd {t:7.3f} ms {t_dense['fwd+bwd'] / t:5.2f}x dense; "
+        f"fwd {tf:7.3f} ms {t_dense['fwd'] / tf:5.2f}x")
 
 
 def main(argv=None):
@@ -297,8 +462,12 @@ def main(argv=None):
   p.add_argument("--shapes", default="1b,7b")
   p.add_argument("--experts", default="2,4,8,16")
   p.add_argument("--impls", default="ragged_dot,einsum,einsum_equal_groups,ours,ours_grouped_weights")
-  p.add_argument("--sweep", action="store_true")
-  p.add_argument("--sweep-configs", default=",".join(SWEEP_CONFIGS))
+  p.add_argument("--sweep", action="store_true", help="tile sweep per GEMM (first shape fully, the others on its "
+                 "winners), the op's pieces, and the whole op under the winners; written to *_sweep.json")
+  p.add_argument("--sweep-shapes", default="7b,1b")
+  p.add_argument("--sweep-configs", default=",".join(SWEEP_FIELDS))
+  p.add_argument("--sweep-seconds", type=float, default=170.0, help="stop starting sweep steps after this")
+  p.add_argument("--max-seconds", type=float, default=1e9, help="stop starting benchmark configs after this")
   p.add_argument("--no-bench", action="store_true")
   args = p.parse_args(argv)
   t0 = time.time()
@@ -309,16 +478,40 @@ def main(argv=None):
   log(f"devices {jax.devices()} jax {jax.__version__}")
   if args.sweep:
     sweep = []
-    configs = {k: SWEEP_CONFIGS[k] for k in args.sweep_configs.split(",")}
-    for name in args.shapes.split(","):
-      sweep_shape(name, 8, sweep, log, configs)
-    _util.write_results(os.path.splitext(args.out)[0] + "_sweep.json", sweep)
+    sweep_path = os.path.splitext(args.out)[0] + "_sweep.json"
+    deadline = t0 + args.sweep_seconds
+    shapes = args.sweep_shapes.split(",")
+    best = {}
+    # Per shape: the GEMM sweep (the first shape fully, the others on its winners), then the whole op under the
+    # winners; the op's pieces last.
+    for i, name in enumerate(shapes):
+      if time.time() > deadline:
+        break
+      best[name] = sweep_shape(name, 8, sweep, log, args.sweep_configs.split(","), deadline,
+                               best_from=best[shapes[0]] if i else None)
+      _util.write_results(sweep_path, sweep)
+      if time.time() > deadline:
+        break
+      variants = {"current": {}}
+      for src, b in best.items():
+        variants[f"best_{src}"] = b
+      sweep_op(name, 8, variants, sweep, log)
+      _util.write_results(sweep_path, sweep)
+      log(f"best fields {name}: {best[name]}")
+    for name in shapes:
+      if time.time() > deadline:
+        break
+      sweep_pieces(name, 8, sweep, log)
+      _util.write_results(sweep_path, sweep)
   records = []
   if not args.no_bench:
     # The goal configurations first; the results file is rewritten after each one (a time limit keeps what ran).
     order = {8: 0, 2: 1, 4: 2, 16: 3}
     pairs = [(n, int(e)) for n in args.shapes.split(",") for e in args.experts.split(",")]
     for name, E in sorted(pairs, key=lambda p: (order.get(p[1], 9), p[0])):
+      if time.time() - t0 > args.max_seconds:
+        log(f"--max-seconds reached: {name} E={E} and later configurations not run")
+        break
       bench_config(name, E, records, args.impls.split(","), log)
       _util.write_results(args.out, records)
     rows = [dict(shape=r["config"]["shape"], E=r["config"]["E"], impl=r["config"]["impl"], pass_=r["config"]["pass"],

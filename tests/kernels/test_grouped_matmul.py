@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jsparse
+from jsparse.kernels.grouped_matmul import api as gmm_api
 from jsparse.kernels.grouped_matmul import pallas as gmm_pallas
 from jsparse.kernels.grouped_matmul import reference as ref
 from tests.helpers import assert_close, implementation
@@ -130,16 +131,54 @@ def test_kernel_interpret(group_axis, epilogue):
   assert_close(got, want)
 
 
-ENGINES = [gmm_pallas.TileConfig(), gmm_pallas.TileConfig(tile_n=64), gmm_pallas.TileConfig(dynamic_grid=False),
-           gmm_pallas.TileConfig(warp_specialized=False)]
+ENGINES = {"base": gmm_pallas.TileConfig(), "n64": gmm_pallas.TileConfig(tile_n=64),
+           "static": gmm_pallas.TileConfig(dynamic_grid=False), "simple": gmm_pallas.TileConfig(warp_specialized=False),
+           "f1m0": gmm_pallas.TileConfig(mma_in_flight=1, grid_minor_dim=0),
+           "clnf1": gmm_pallas.TileConfig(cluster="n", mma_in_flight=1), "clm": gmm_pallas.TileConfig(cluster="m")}
+
+
+def test_interpret_mma_in_flight():
+  """One wgmma group left in flight (stages released a step late): same result as the reference."""
+  lhs, rhs, tg, _ = _case("n", False, None, row_tile=64, K=128, N=128)
+  cfg = gmm_pallas.TileConfig(tile_m=64, tile_n=64, mma_in_flight=1, grid_minor_dim=0)
+  got = gmm_pallas.grouped_matmul(lhs, rhs, tg, num_groups=3, group_axis="n", transpose_rhs=False, epilogue=None,
+                                  cfg=cfg, interpret=True)
+  assert_close(got, ref.grouped_matmul(lhs, rhs, tg, num_groups=3, group_axis="n", transpose_rhs=False))
+
+
+def test_tile_config_and_tuning():
+  with pytest.raises(ValueError, match="cluster"):
+    gmm_pallas.TileConfig(cluster="k")
+  with pytest.raises(ValueError, match="mma_in_flight"):
+    gmm_pallas.TileConfig(mma_in_flight=2)
+  with pytest.raises(ValueError, match="warp-specialised"):
+    gmm_pallas.TileConfig(warp_specialized=False, cluster="n")
+  lhs, rhs, tg, _ = _case("n", False, None, row_tile=64, K=64, N=128)
+  with pytest.raises(ValueError, match="cluster='m' is not supported"):  # row tiles of different groups
+    gmm_pallas.grouped_matmul(lhs, rhs, tg, num_groups=3, group_axis="n", transpose_rhs=False, epilogue=None,
+                              cfg=gmm_pallas.TileConfig(tile_m=64, tile_n=64, cluster="m"))
+  with pytest.raises(ValueError, match="even number of tiles"):
+    gmm_pallas.grouped_matmul(lhs, rhs, tg, num_groups=3, group_axis="n", transpose_rhs=False, epilogue=None,
+                              cfg=gmm_pallas.TileConfig(tile_m=64, tile_n=64, cluster="n"))
+  with pytest.raises(ValueError, match="unknown GEMMs"):
+    with gmm_api.tuning(upp={}):
+      pass
+  with gmm_api.tuning(up=dict(cluster="n", stages=3)):
+    assert gmm_api.kernel_config("up", 128, 1024, 512) == gmm_pallas.TileConfig(tile_m=128, stages=3, cluster="n")
+    # An odd number of column tiles (or an "m" cluster of row tiles) drops the cluster.
+    assert gmm_api.kernel_config("up", 128, 1024, 768).cluster is None
+  assert gmm_api.kernel_config("up", 128, 1024, 512).stages == gmm_pallas.TileConfig().stages
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("engine", range(len(ENGINES)))
+@pytest.mark.parametrize("engine", list(ENGINES))
 @pytest.mark.parametrize("group_axis,transpose_rhs,epilogue", CASES)
 def test_kernel_gpu(group_axis, transpose_rhs, epilogue, engine):
   cfg = dataclasses.replace(ENGINES[engine], tile_m=128)
-  lhs, rhs, tg, aux = _case(group_axis, transpose_rhs, epilogue, row_tile=128, K=256, N=256)
+  if cfg.cluster == "m":
+    pytest.skip("row-tile GEMMs take no 'm' clusters")
+  N = 512 if cfg.cluster else 256  # a cluster needs an even number of column tiles
+  lhs, rhs, tg, aux = _case(group_axis, transpose_rhs, epilogue, row_tile=128, K=256, N=N)
   got = gmm_pallas.grouped_matmul(lhs, rhs, tg, aux, num_groups=3, group_axis=group_axis,
                                   transpose_rhs=transpose_rhs, epilogue=epilogue, cfg=cfg)
   want = ref.grouped_matmul(lhs, rhs, tg, num_groups=3, group_axis=group_axis, transpose_rhs=transpose_rhs,
@@ -152,7 +191,7 @@ def test_kernel_gpu(group_axis, transpose_rhs, epilogue, engine):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("engine", range(len(ENGINES)))
+@pytest.mark.parametrize("engine", list(ENGINES))
 @pytest.mark.parametrize("group_axis", ["n", "m"])
 def test_kernel_t_gpu(group_axis, engine):
   cfg = ENGINES[engine]

@@ -9,6 +9,9 @@ transposed GEMMs are tested on the GPU.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -21,14 +24,55 @@ GROUP_AXES_T = ("n", "m")
 KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def kernel_config(rows_tile: int, n: int) -> gmm_pallas.TileConfig:
-  """The tile shape used for an output width ``n``: two warpgroups of 128 columns when they fit, else of 64.
+# The six GEMMs of the routed FFN, by (kernel, group_axis, transpose_rhs).
+GEMMS = {("gmm", "n", False): "up", ("gmm", "k", False): "down", ("gmm", "n", True): "dh",
+         ("gmm", "k", True): "dx", ("gmm_t", "n", False): "dw1", ("gmm_t", "m", False): "dw2"}
 
-  Measured on an H100 (benchmarks/routed_ffn.py --sweep, T=16384, D=2048, F=8192, E=8): 128-column warpgroups run the
-  six grouped GEMMs at 420-620 TF/s, 64-column ones at 280-555 TF/s, the single-warpgroup engine at 270-550 TF/s.
+# Tuned TileConfig fields per GEMM (benchmarks/routed_ffn.py --sweep, H100; see benchmarks/results/routed_ffn.json).
+# ``cluster`` is dropped where the tile count along it is odd.
+TUNED: dict[str, dict] = {name: {} for name in GEMMS.values()}
+
+_overrides: list[dict[str, dict]] = []
+
+
+@contextlib.contextmanager
+def tuning(**per_gemm: dict):
+  """Overrides the tuned ``TileConfig`` fields of some GEMMs while tracing (the benchmark's sweep).
+
+  ``tuning(up=dict(stages=3), dw1=dict(cluster="m"))``; read at trace time, so jit inside the context.
   """
-  tile_n = 128 if n % 256 == 0 else 64
-  return gmm_pallas.TileConfig(tile_m=rows_tile, tile_n=tile_n)
+  unknown = set(per_gemm) - set(TUNED)
+  if unknown:
+    raise ValueError(f"tuning: unknown GEMMs {sorted(unknown)}; known: {sorted(TUNED)}")
+  _overrides.append(per_gemm)
+  try:
+    yield
+  finally:
+    _overrides.pop()
+
+
+def kernel_config(gemm: str, tile_m: int, m: int, n: int) -> gmm_pallas.TileConfig:
+  """The tile configuration of one GEMM: output tiles ``tile_m`` x ``cta_n`` over an (m, n) output.
+
+  Two warpgroups of 128 columns where n allows it, else of 64. Measured on an H100 (benchmarks/routed_ffn.py
+  --sweep, T=16384, D=2048, F=8192, E=8): 128-column warpgroups run the six grouped GEMMs at 420-620 TF/s, 64-column
+  ones at 280-555 TF/s, the single-warpgroup engine at 270-550 TF/s. Then the per-GEMM fields of ``TUNED`` (and any
+  :func:`tuning` override); a cluster that does not divide the tile grid is dropped.
+  """
+  fields = dict(TUNED[gemm])
+  for o in _overrides:
+    fields.update(o.get(gemm, {}))
+  fields.setdefault("tile_n", 128 if n % 256 == 0 else 64)
+  if n % (2 * fields["tile_n"]):
+    fields["tile_n"] = 64  # a tuned width that does not divide this output (e.g. F/E = 896)
+  cfg = gmm_pallas.TileConfig(tile_m=tile_m, **fields)
+  if cfg.cluster is not None:
+    iters = m // cfg.tile_m if cfg.cluster == "m" else n // cfg.cta_n
+    if iters % 2 or (gemm in ("up", "down", "dh", "dx") and cfg.cluster == "m"):
+      cfg = dataclasses.replace(cfg, cluster=None)
+  if common.interpret_enabled() and not common.on_gpu() and cfg.cluster is not None:
+    cfg = dataclasses.replace(cfg, cluster=None)  # the Mosaic GPU interpreter has no cluster barriers
+  return cfg
 
 
 def _kernel_support(op: str, dtype, dims: dict[str, tuple[int, int]], transposed: bool) -> tuple[bool, str]:
@@ -90,7 +134,7 @@ def grouped_matmul(lhs_PxK: jax.Array, rhs: jax.Array, tile_group_R: jax.Array, 
     raise ValueError(f"{op}: aux_PxN is required by, and only by, epilogue='square_relu_grad'")
   if aux_PxN is not None and aux_PxN.shape != (P, N):
     raise ValueError(f"{op}: aux_PxN must have shape {(P, N)}, got {aux_PxN.shape}")
-  cfg = kernel_config(row_tile, N)
+  cfg = kernel_config(GEMMS[("gmm", group_axis, transpose_rhs)], row_tile, P, N)
   ok, why = _kernel_support(op, lhs_PxK.dtype, dict(row_tile=(row_tile, 64), K=(K, cfg.tile_k), N=(N, cfg.cta_n)),
                             transpose_rhs)
   impl = common.resolve_implementation(op, implementation, pallas_supports=ok, why_not=why)
@@ -130,7 +174,7 @@ def grouped_matmul_t(lhs_PxM: jax.Array, rhs_PxN: jax.Array, group_tile_start_E:
     raise ValueError(f"{op}: group_tile_start_E and group_tiles_E must both have shape (E,)")
   common.check_multiple(op, "rows", lhs_PxM.shape[0], row_tile, "row_tile")
   M, N = lhs_PxM.shape[1], rhs_PxN.shape[1]
-  cfg = kernel_config(128, N)
+  cfg = kernel_config(GEMMS[("gmm_t", group_axis, False)], 128, M, N)
   ok, why = _kernel_support(op, lhs_PxM.dtype, dict(M=(M, cfg.tile_m), N=(N, cfg.cta_n),
                                                     row_tile=(row_tile, cfg.tile_k)), True)
   impl = common.resolve_implementation(op, implementation, pallas_supports=ok, why_not=why)

@@ -52,10 +52,23 @@ class TileConfig:
   stages: int = 4
   epi_tile_m: int = 64
   epi_tile_n: int = 64
-  grid_minor_dim: int = 1  # planar_snake: 0 walks M fastest, 1 walks N fastest
+  # planar_snake order: bands of ``grid_tile_width`` tiles along ``grid_minor_dim`` (0: M, 1: N), each band walked
+  # along the other axis. Width 1 with minor dim 1 walks M fastest: the CTAs in flight share a weight slab but all
+  # read different token rows; minor dim 0 walks N fastest: they share token rows (each read once from DRAM).
+  grid_minor_dim: int = 1
   grid_tile_width: int = 1
   warp_specialized: bool = True
   dynamic_grid: bool = True  # grouped_matmul: unused tiles run 0 steps (False: they multiply and are zeroed)
+  mma_in_flight: int = 0  # warp-specialised: wgmma groups left in flight when a stage is released (0 or 1)
+  cluster: str | None = None  # warp-specialised: 2-CTA clusters splitting "m" or "n" (the other operand multicast)
+
+  def __post_init__(self):
+    if self.cluster not in (None, "m", "n"):
+      raise ValueError(f"TileConfig: cluster must be None, 'm' or 'n', got {self.cluster!r}")
+    if self.mma_in_flight not in (0, 1) or self.mma_in_flight >= self.stages:
+      raise ValueError(f"TileConfig: mma_in_flight must be 0 or 1 and below stages, got {self.mma_in_flight}")
+    if (self.cluster or self.mma_in_flight) and not self.warp_specialized:
+      raise ValueError("TileConfig: cluster and mma_in_flight need the warp-specialised engine")
 
   @property
   def compute_wgs(self) -> int:
@@ -64,6 +77,14 @@ class TileConfig:
   @property
   def cta_n(self) -> int:
     return self.compute_wgs * self.tile_n
+
+  @property
+  def cluster_size(self) -> int:
+    return 1 if self.cluster is None else 2
+
+  def cluster_tiles(self, m_iters: int, n_iters: int) -> tuple[int, int]:
+    """(M, N) tile counts of the cluster-level loop (a cluster covers 2 adjacent tiles along ``cluster``)."""
+    return (m_iters // 2 if self.cluster == "m" else m_iters), (n_iters // 2 if self.cluster == "n" else n_iters)
 
 
 def _interpret_params(interpret: bool):
@@ -81,6 +102,11 @@ def _num_sms(interpret: bool) -> int:
   return getattr(jax.devices()[0], "core_count", None) or 132
 
 
+def _grid(cfg: "TileConfig", interpret: bool) -> int:
+  """Persistent CTAs (clusters when ``cfg.cluster``): one per SM."""
+  return max(1, _num_sms(interpret) // cfg.cluster_size)
+
+
 def _transforms(dtype, minor_elems: int):
   swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
   elems = swizzle // jnp.dtype(dtype).itemsize
@@ -91,6 +117,24 @@ def _check_tiles(op, cfg: TileConfig, **dims):
   for name, (size, tile) in dims.items():
     if size % tile:
       raise ValueError(f"{op}: {name}={size} is not a multiple of the tile {tile} ({cfg})")
+
+
+def _check_cluster(op, cfg: TileConfig, m_iters: int, n_iters: int, allowed: tuple[str, ...]):
+  if cfg.cluster is None:
+    return
+  if cfg.cluster not in allowed:
+    raise ValueError(f"{op}: cluster={cfg.cluster!r} is not supported here (allowed: {allowed})")
+  iters = m_iters if cfg.cluster == "m" else n_iters
+  if iters % 2:
+    raise ValueError(f"{op}: cluster={cfg.cluster!r} needs an even number of tiles along it, got {iters}")
+
+
+def _cluster_position(cfg: TileConfig, mc, nc):
+  """Tile indices of this CTA from its cluster's indices."""
+  if cfg.cluster is None:
+    return mc, nc
+  cta = lax.axis_index("cluster")
+  return (mc * 2 + cta, nc) if cfg.cluster == "m" else (mc, nc * 2 + cta)
 
 
 def _epilogue_math(acc, epilogue, out_dtype):
@@ -105,10 +149,12 @@ def _kept(acc, keep):
 
 def _launch(body, out_shape, out_dtype, cfg: TileConfig, interpret: bool):
   kwargs = dict(num_threads=cfg.compute_wgs + 1, thread_name="wg") if cfg.warp_specialized else {}
+  if cfg.cluster is not None:
+    kwargs.update(cluster=(2,), cluster_names=("cluster",))
   return plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
-      grid=(_num_sms(interpret),),
+      grid=(_grid(cfg, interpret),),
       grid_names=("sm",),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=_interpret_params(interpret),
@@ -119,7 +165,9 @@ def _launch(body, out_shape, out_dtype, cfg: TileConfig, interpret: bool):
 # ----------------------------------------------------------------------------------------------------------------------
 # Tile engines. ``tile_fn(lin) -> (steps, a_map, b_map, out_rows, out_cols, keep)`` describes output tile ``lin``: its
 # pipeline length, the block index maps of the two operands, the CTA's output window (pl.ds slices) and whether the
-# result is kept (``None``: always; else a bool scalar, False stores zeros);
+# result is kept (``None``: always; else a bool scalar, False stores zeros); with ``cfg.cluster`` the two CTAs of a
+# cluster get tiles adjacent along that axis and the same pipeline length, and the operand they share (A for "n", B
+# for "m") is multicast: each CTA loads half of it;
 # ``operands(a_smem, b_smem, cols) -> (a, b)`` are the wgmma operands for the compute warpgroup owning ``cols``.
 
 
@@ -129,13 +177,17 @@ def _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, ti
   wgs = cfg.compute_wgs
   slots = min(2, (tm // cfg.epi_tile_m) * (tn // cfg.epi_tile_n))
 
+  shared_a, shared_b = (("cluster",) if cfg.cluster == c else () for c in ("n", "m"))
+
   def pipeline(body, compute_context, a_map, b_map, steps):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(steps,), memory_registers=_MEMORY_REGISTERS, wg_axis="wg", num_compute_wgs=wgs,
         max_concurrent_steps=cfg.stages, compute_context=compute_context,
         in_specs=[
-            plgpu.BlockSpec(a_block, a_map, transforms=_transforms(dtype, a_block[1]), memory_space=plgpu.SMEM),
-            plgpu.BlockSpec(b_block, b_map, transforms=_transforms(dtype, b_block[1]), memory_space=plgpu.SMEM),
+            plgpu.BlockSpec(a_block, a_map, transforms=_transforms(dtype, a_block[1]), memory_space=plgpu.SMEM,
+                            delay_release=cfg.mma_in_flight, collective_axes=shared_a),
+            plgpu.BlockSpec(b_block, b_map, transforms=_transforms(dtype, b_block[1]), memory_space=plgpu.SMEM,
+                            delay_release=cfg.mma_in_flight, collective_axes=shared_b),
         ])
 
   ignore = lambda *_, **__: None
@@ -186,7 +238,8 @@ def _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, ti
 
       def mma(_, a_smem, b_smem, acc_ref):
         plgpu.wgmma(acc_ref, *operands(a_smem, b_smem, cols))
-        plgpu.wgmma_wait(0)
+        # With a stage released one step late (delay_release), the previous group may still be in flight.
+        plgpu.wgmma_wait(cfg.mma_in_flight)
         return acc_ref
 
       pipeline(mma, compute_context, a_map, b_map, steps)(a_gmem, b_gmem, allocations=pipeline_allocs)
@@ -253,6 +306,10 @@ def grouped_matmul(lhs_PxK, rhs, tile_group_R, aux_PxN=None, *, num_groups: int,
   dtype = lhs_PxK.dtype
   tm, tk, cta_n = cfg.tile_m, cfg.tile_k, cfg.cta_n
   m_iters, n_iters, k_iters = P // tm, N // cta_n, K // tk
+  # Two CTAs of a cluster share a row tile (so a group and a pipeline length); row tiles of different groups
+  # cannot share a weight block, hence no "m" clusters here.
+  _check_cluster("grouped_matmul", cfg, m_iters, n_iters, ("n",))
+  mc_iters, nc_iters = cfg.cluster_tiles(m_iters, n_iters)
   b_block = (cta_n, tk) if transpose_rhs else (tk, cta_n)
   has_aux = epilogue == "square_relu_grad"
 
@@ -260,7 +317,8 @@ def grouped_matmul(lhs_PxK, rhs, tile_group_R, aux_PxN=None, *, num_groups: int,
     aux_gmem, out_gmem = refs if has_aux else (None, refs[0])
 
     def tile_fn(lin):
-      m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), cfg.grid_minor_dim, cfg.grid_tile_width)
+      mc, nc = plgpu.planar_snake(lin, (mc_iters, nc_iters), cfg.grid_minor_dim, cfg.grid_tile_width)
+      m_idx, n_idx = _cluster_position(cfg, mc, nc)
       group = tile_group_gmem[m_idx]
       g = jnp.minimum(group, E - 1)
       if cfg.dynamic_grid:
@@ -280,7 +338,7 @@ def grouped_matmul(lhs_PxK, rhs, tile_group_R, aux_PxN=None, *, num_groups: int,
         return a_smem, b_smem.at[cols, :].transpose((1, 0))
       return a_smem, b_smem.at[:, cols]
 
-    _run(a_gmem, b_gmem, out_gmem, aux_gmem, n_tiles=m_iters * n_iters, a_block=(tm, tk), b_block=b_block,
+    _run(a_gmem, b_gmem, out_gmem, aux_gmem, n_tiles=mc_iters * nc_iters, a_block=(tm, tk), b_block=b_block,
          tile_fn=tile_fn, operands=operands, cfg=cfg, epilogue=epilogue)
 
   kernel = _launch(body, (P, N), dtype, cfg, interpret)
@@ -302,15 +360,18 @@ def grouped_matmul_t(lhs_PxM, rhs_PxN, group_tile_start_E, group_tiles_E, *, row
   dtype = lhs_PxM.dtype
   tm, tk, cta_n = cfg.tile_m, cfg.tile_k, cfg.cta_n
   m_iters, n_iters = M // tm, N // cta_n
+  _check_cluster("grouped_matmul_t", cfg, m_iters, n_iters, ("m", "n"))  # a cluster stays inside one group
+  mc_iters, nc_iters = cfg.cluster_tiles(m_iters, n_iters)
   k_per_tile = row_tile // tk
   out_shape = (M, E * N) if group_axis == "n" else (E * M, N)
 
   def body(start_gmem, tiles_gmem, a_gmem, b_gmem, out_gmem):
     def tile_fn(lin):
       # Group-major order: the CTAs working at the same time share one group's rows in L2.
-      g = lax.div(lin, m_iters * n_iters)
-      m_idx, n_idx = plgpu.planar_snake(lax.rem(lin, m_iters * n_iters), (m_iters, n_iters), cfg.grid_minor_dim,
-                                        cfg.grid_tile_width)
+      g = lax.div(lin, mc_iters * nc_iters)
+      mc, nc = plgpu.planar_snake(lax.rem(lin, mc_iters * nc_iters), (mc_iters, nc_iters), cfg.grid_minor_dim,
+                                  cfg.grid_tile_width)
+      m_idx, n_idx = _cluster_position(cfg, mc, nc)
       kb = start_gmem[g] * k_per_tile
       steps = (tiles_gmem[g] * k_per_tile).astype(jnp.int32)  # empty group: no MMA, zeros stored
       if group_axis == "n":
@@ -322,7 +383,7 @@ def grouped_matmul_t(lhs_PxM, rhs_PxN, group_tile_start_E, group_tiles_E, *, row
     def operands(a_smem, b_smem, cols):
       return a_smem.transpose((1, 0)), b_smem.at[:, cols]
 
-    _run(a_gmem, b_gmem, out_gmem, None, n_tiles=E * m_iters * n_iters, a_block=(tk, tm), b_block=(tk, cta_n),
+    _run(a_gmem, b_gmem, out_gmem, None, n_tiles=E * mc_iters * nc_iters, a_block=(tk, tm), b_block=(tk, cta_n),
          tile_fn=tile_fn, operands=operands, cfg=cfg, epilogue=None)
 
   kernel = _launch(body, out_shape, dtype, cfg, interpret)
