@@ -465,7 +465,7 @@ def main(argv=None):
   p.add_argument("--sweep", action="store_true", help="tile sweep per GEMM (first shape fully, the others on its "
                  "winners), the op's pieces, and the whole op under the winners; written to *_sweep.json")
   p.add_argument("--sweep-shapes", default="7b,1b")
-  p.add_argument("--sweep-configs", default=",".join(SWEEP_FIELDS))
+  p.add_argument("--sweep-configs", default="base,f1,cl,clf1,m0,m0w8,n64,n64cl,cln")
   p.add_argument("--sweep-seconds", type=float, default=170.0, help="stop starting sweep steps after this")
   p.add_argument("--max-seconds", type=float, default=1e9, help="stop starting benchmark configs after this")
   p.add_argument("--no-bench", action="store_true")
