@@ -8,7 +8,9 @@ lives in ``SparsityState`` / RNG variables and is checkpointed with the model.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +67,15 @@ class SparseFFN(nnx.Module):
   from the current W1 by ``prepare_sparse_phase`` and every ``recluster_every`` optimizer steps by
   :meth:`after_optimizer_step`. The sparse forward is :func:`jsparse.routed_ffn` (grouped GEMMs on a GPU).
 
+  **Weight layout of the routed FFN.** By default ``w1``/``w2`` stay in their original neuron order and the forward
+  gathers them into router order every step (and the gradients back). After :meth:`group_weights` (or
+  ``models.prepare_sparse_phase(model, tokens, optimizer)``) the module *stores* them in router order -- W1's columns
+  and W2's rows permuted together, with the optimizer's moments, which leaves the FFN's function and an element-wise
+  optimizer's trajectory unchanged -- its router permutation becomes the identity, and the forward runs
+  ``routed_ffn(..., weights_grouped=True)`` (no per-step weight gathers). Every later re-clustering then permutes the
+  weights and moments again, so :meth:`after_optimizer_step` needs the moments (``models.after_optimizer_step(model,
+  optimizer)``). ``weights_grouped`` is a static attribute (part of the graph definition, like ``sparse``).
+
   Raises:
     ValueError: a config that is not ``kind="sparse"`` or sizes that 2:4 / the router cannot use.
   """
@@ -91,6 +102,7 @@ class SparseFFN(nnx.Module):
     op_impl = _ops.op_implementation(config.implementation)
     self.beta1 = SparsityState(sste_beta(self.w1[...], 0, op_impl)) if config.sparse_w1 else None
     self.beta2 = SparsityState(sste_beta(self.w2[...], 0, op_impl)) if config.sparse_w2 else None
+    self.weights_grouped = False  # static: w1/w2 stored in router order (see group_weights)
     if self._routed:
       self._set_router(jsparse.router_init(self.w1[...], config.router_config(), jax.random.key(config.router_seed)))
     if self._permutes and config.permutation == "random":
@@ -126,16 +138,87 @@ class SparseFFN(nnx.Module):
     return jsparse.RouterState(self.router_centroids[...], self.router_perm[...], self.router_sizes[...],
                                self.router_step[...])
 
-  def after_optimizer_step(self) -> None:
-    """Router bookkeeping once per optimizer step: counts steps, re-clusters every ``recluster_every`` (jittable)."""
-    if self._routed and self.sparse:
-      self._set_router(jsparse.router_update(self.router_state(), self.w1[...], self.config.router_config()))
+  def after_optimizer_step(self, moments_w1: Sequence[nnx.Variable] | None = None,
+                           moments_w2: Sequence[nnx.Variable] | None = None) -> None:
+    """Router bookkeeping once per optimizer step: counts steps, re-clusters every ``recluster_every`` (jittable).
 
-  def prepare_sparse_phase(self) -> None:
+    With the weights stored in router order (:meth:`group_weights`), a re-clustering also permutes w1, w2 and the
+    optimizer moments given here (variables shaped like w1 / like w2; ``models.after_optimizer_step(model,
+    optimizer)`` finds them), inside one ``lax.cond``, so the layout stays grouped.
+
+    Raises:
+      ValueError: weights stored in router order, re-clustering configured, and no moments given (``None``; pass
+        empty lists for an optimizer without moments).
+    """
+    if not (self._routed and self.sparse):
+      return
+    rcfg = self.config.router_config()
+    if not self.weights_grouped:
+      self._set_router(jsparse.router_update(self.router_state(), self.w1[...], rcfg))
+      return
+    state = self.router_state()
+    state = dataclasses.replace(state, step=state.step + 1)
+    if rcfg.recluster_every == 0:
+      self._set_router(state)
+      return
+    if moments_w1 is None or moments_w2 is None:
+      raise ValueError("SparseFFN.after_optimizer_step: the weights are stored in router order, so a re-clustering "
+                       "must also permute the optimizer's moments; call models.after_optimizer_step(model, optimizer)")
+
+    def recluster(operands):
+      st, w1, w2, m1, m2 = operands
+      st, perm_F = jsparse.settle_permutation(jsparse.router_recluster(st, w1, rcfg))
+      take = functools.partial(jsparse.take_neurons, perm_F=perm_F)
+      return st, take(w1, axis=1), take(w2, axis=0), [take(a, axis=1) for a in m1], [take(a, axis=0) for a in m2]
+
+    operands = (state, self.w1[...], self.w2[...], [v[...] for v in moments_w1], [v[...] for v in moments_w2])
+    state, w1, w2, m1, m2 = jax.lax.cond(state.step % rcfg.recluster_every == 0, recluster, lambda o: o, operands)
+    self._set_router(state)
+    self.w1[...], self.w2[...] = w1, w2
+    for var, value in zip([*moments_w1, *moments_w2], [*m1, *m2]):
+      var[...] = value
+
+  def group_weights(self, moments_w1: Sequence[nnx.Variable] = (), moments_w2: Sequence[nnx.Variable] = ()) -> None:
+    """Stores w1/w2 in router order from now on (a ``"vnm"`` FFN; see the class docstring).
+
+    Permutes W1's columns and W2's rows (and the given optimizer moments, shaped like w1 / like w2) by the router's
+    permutation, sets the permutation to the identity and switches the forward to ``weights_grouped=True``. The
+    FFN computes the same function (up to float summation order). Idempotent; call outside ``jit`` (it changes the
+    static graph: re-split the model afterwards).
+
+    Raises:
+      ValueError: the FFN is not routed, or a moment's shape matches neither weight.
+    """
+    if not self._routed:
+      raise ValueError("SparseFFN.group_weights: only a routed (activation_sparsity='vnm') FFN has a router order")
+    for name, moments in (("w1", moments_w1), ("w2", moments_w2)):
+      shape = getattr(self, name).shape
+      for var in moments:
+        if var.shape != shape:
+          raise ValueError(f"SparseFFN.group_weights: a {name} moment has shape {var.shape}, expected {shape}")
+    settled, perm_F = jsparse.settle_permutation(self.router_state())
+    for var, axis in [(self.w1, 1), (self.w2, 0), *[(v, 1) for v in moments_w1], *[(v, 0) for v in moments_w2]]:
+      var[...] = jsparse.take_neurons(var[...], perm_F, axis)
+    self._set_router(settled)
+    self.weights_grouped = True
+
+  def prepare_sparse_phase(self, moments_w1: Sequence[nnx.Variable] | None = None,
+                           moments_w2: Sequence[nnx.Variable] | None = None) -> None:
     """Fixes the S-STE scales and re-clusters the router from the current weights (call once, when the sparse phase
-    starts)."""
+    starts). Routed FFN: with the optimizer moments given, also stores the weights in router order
+    (:meth:`group_weights`).
+
+    Raises:
+      ValueError: the weights are already stored in router order and no moments are given (the new clustering
+        could not be laid out).
+    """
     if self._routed:
       self._set_router(jsparse.router_recluster(self.router_state(), self.w1[...], self.config.router_config()))
+      if moments_w1 is not None and moments_w2 is not None:
+        self.group_weights(moments_w1, moments_w2)
+      elif self.weights_grouped:
+        raise ValueError("SparseFFN.prepare_sparse_phase: the weights are stored in router order; pass the optimizer "
+                         "(models.prepare_sparse_phase(model, tokens, optimizer)) to lay out the new clustering")
     op_impl = _ops.op_implementation(self.config.implementation)
     if self.beta1 is not None:
       self.beta1[...] = sste_beta(self.w1[...], 0, op_impl)
@@ -192,7 +275,7 @@ class SparseFFN(nnx.Module):
 
     def core(x_TxD, w1_DxF, w2_FxD):
       return jsparse.routed_ffn(x_TxD, w1_DxF, w2_FxD, state, rcfg, groups=groups_T, vnm=cfg.vnm_blocks,
-                                implementation=impl)
+                                weights_grouped=self.weights_grouped, implementation=impl)
 
     out_TxD = _ops.checkpoint(core, cfg.remat)(x_TxD, w1_DxF, w2_FxD)
     stats = {}
