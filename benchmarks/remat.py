@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import io
@@ -35,6 +36,7 @@ from benchmarks import _util
 from jsparse import remat
 from jsparse.kernels.compress import format as fmt
 from jsparse.kernels.compress import pallas as kernels
+from jsparse.kernels.compress import single_pass
 
 SHAPES = [(16384, 2048, 8192), (16384, 4096, 14336)]
 ZEROS = [0.85, 0.95]
@@ -87,13 +89,53 @@ def _mem():
 # ----------------------------------------------------------------------------------------------------------------------
 # kernels
 
+# Single-pass packer configurations timed by the sweep (the first is the default; fit_config adapts them to F).
+_SP = single_pass.PackConfig
+_FULL = _SP(split=False, prefetch=False)  # count, then pack everything (the first design measured)
+PACK_SWEEP = [
+    _SP(),
+    dataclasses.replace(_FULL, prefetch=True),
+    _FULL,
+    dataclasses.replace(_FULL, num_stages=2),
+    _SP(prefetch=False),
+    _SP(reload=True),
+    _SP(reload=True, prefetch=False),
+    _SP(num_stages=2, prefetch=False),
+    _SP(1, 2048, num_warps=8),
+    _SP(1, 2048, num_warps=4),
+    _SP(1, 2048, num_warps=8, reload=True),
+    _SP(2, 1024, num_warps=4),
+    _SP(2, 1024, num_warps=8, reload=True),
+    _SP(4, 1024, num_warps=8),
+    _SP(1, 512, num_warps=2),
+    _SP(1, 1024, num_warps=2),
+    _SP(1, 1024, num_warps=8),
+    _SP(1, 4096, num_warps=8),
+    _SP(hold=True),
+    _SP(1, 2048, num_warps=8, hold=True),
+    _SP(hold=True, reload=True),
+    _SP(place="scan"),
+    _SP(place="scan", prefetch=False),
+    _SP(place="scan", words=True),
+    _SP(1, 2048, num_warps=8, place="scan"),
+    _SP(window=8),
+]
+# Unpack variants (block_rows, block_cols, num_warps, num_stages, words); the first is the default.
+UNPACK_SWEEP = [(None, None, 4, 1, False), (4, 1024, 4, 1, True), (4, 1024, 4, 2, False), (2, 2048, 8, 1, True)]
 
-def bench_kernels(T, F, zeros_list, sweep: bool):
+
+def _pack_bytes(n, nnz, square):
+  """Bytes a pack must move: read the input once, write the bitmask and the kept values (and h)."""
+  return n * 2 + n // 8 + nnz * 2 + (n * 2 if square else 0)
+
+
+def bench_kernels(T, F, zeros_list, sweep: bool, top: int = 3, out: str | None = None):
   records, rows = [], []
   n = T * F
   copy = jax.jit(lambda a: -a)
   relu_sq = jax.jit(lambda a: jnp.square(jax.nn.relu(a)))
   square = jax.jit(lambda a: jnp.square(a))
+  ranked = None  # single-pass configs by time at the first sparsity
   for zeros in zeros_list:
     y = jax.random.normal(jax.random.key(1), (T, F), jnp.bfloat16) - _ppf(zeros)
     density = 1.0 - zeros
@@ -101,44 +143,94 @@ def bench_kernels(T, F, zeros_list, sweep: bool):
     counts = jax.jit(lambda a: kernels.count(a, relu=True, interpret=_INTERPRET))(y)
     nnz = int(jnp.sum(counts))
     offsets = fmt.saturating_exclusive_cumsum(counts, cap)
-    t_copy = _time(copy, y)
+    t_copy = _time(copy, y, iters=20, rounds=7)
     gb_copy = 2 * n * 2 / t_copy / 1e6
     cfg = dict(shape=[T, F], dtype="bfloat16", zeros=zeros, density=nnz / n, capacity=cap / n)
+    print(f"zeros {zeros}: copy {t_copy:.4f} ms = {gb_copy:.0f} GB/s", flush=True)
 
     def add(name, t, nbytes, baseline="xla_copy", **extra):
       gbps = nbytes / t / 1e6
-      rows.append(dict(kernel=name, zeros=zeros, ms=t, gbps=gbps, of_copy=gbps / gb_copy, **extra))
+      rows.append(dict(kernel=name, zeros=zeros, ms=t, gbps=gbps, of_copy=gbps / gb_copy,
+                       **{k: v for k, v in extra.items() if k in ("blocks", "warps", "exact")}))
+      print(f"  {name} {extra.get('blocks', '')}: {t:.4f} ms, {gbps:.0f} GB/s = {gbps / gb_copy:.3f} of copy",
+            flush=True)
       records.append(_util.record(BENCH, config=dict(cfg, kernel=name, **extra), metric="gbps", baseline=baseline,
                                   ours=gbps, base=gb_copy, ms=t, copy_ms=t_copy, bytes=nbytes))
 
-    values_bytes = nnz * 2
-    bits_bytes = n // 8
-    configs = [(None, None, 4)]
-    if sweep and zeros == zeros_list[0]:  # block-size sweep at the first sparsity only (compile time)
-      configs += [(16, 1024, 8), (4, 1024, 4), (8, 512, 4), (4, 2048, 8)]
-    for br, bc, nw in configs:
-      kw = dict(block_rows=br, block_cols=bc, num_warps=nw, interpret=_INTERPRET)
-      def tag_for(kernel, br=br, bc=bc, nw=nw):
-        d = kernels.default_blocks((T, F), kernel)
-        return dict(blocks=f"{br or d[0]}x{bc or d[1]}", warps=nw)
-      tag = tag_for("pack")
+    bits_bytes, values_bytes = n // 8, nnz * 2
+    # Two-pass kernels at their default blocks: count, pack alone, and the whole two-pass pack.
+    f_count = jax.jit(lambda a: kernels.count(a, relu=True, interpret=_INTERPRET))
+    add("count", _time(f_count, y), n * 2, blocks="x".join(map(str, kernels.default_blocks((T, F), "count"))))
+    f_pack = jax.jit(lambda a, o: kernels.pack(a, o, cap, relu=True, square_out=True, interpret=_INTERPRET))
+    want_bits, want_values, want_h = f_pack(y, offsets)
+    tag = dict(blocks="x".join(map(str, kernels.default_blocks((T, F)))), warps=4)
+    add("pack_relu_square (pass 2 alone)", _time(f_pack, y, offsets), _pack_bytes(n, nnz, True), **tag)
+
+    def two_pass(a):
+      c = kernels.count(a, relu=True, interpret=_INTERPRET)
+      o = fmt.saturating_exclusive_cumsum(c, cap)
+      return kernels.pack(a, o, cap, relu=True, square_out=True, interpret=_INTERPRET), o, c
+    add("pack_relu_square two-pass (count + offsets + pack)", _time(jax.jit(two_pass), y), _pack_bytes(n, nnz, True),
+        **tag)
+
+    # Single-pass packer: the sweep (first sparsity), then the fastest `top` and the default (other sparsities).
+    if ranked is None:
+      configs = PACK_SWEEP if sweep else PACK_SWEEP[:1]
+    else:
+      configs = [PACK_SWEEP[0]] + [c for c in ranked[:top] if c != PACK_SWEEP[0]]
+    timed = []
+    for c in configs:
+      fitted = single_pass.fit_config(c, (T, F))
       try:
-        f_count = jax.jit(lambda a, kw=kw: kernels.count(a, relu=True, **kw))
-        add("count", _time(f_count, y), n * 2, **tag_for("count"))
-        f_pack = jax.jit(lambda a, o, kw=kw: kernels.pack(a, o, cap, relu=True, square_out=True, **kw))
-        bits, values, h = f_pack(y, offsets)
-        add("pack_relu_square", _time(f_pack, y, offsets), n * 2 + n * 2 + bits_bytes + values_bytes, **tag)
-        f_unpack = jax.jit(lambda b, o, v, kw=kw: kernels.unpack(b, o, v, (T, F), square_out=True, **kw))
-        add("unpack_square", _time(f_unpack, bits, offsets, values), bits_bytes + values_bytes + 2 * n * 2, **tag)
-        f_unpack1 = jax.jit(lambda b, o, v, kw=kw: kernels.unpack(b, o, v, (T, F), square_out=False, **kw))
-        add("unpack", _time(f_unpack1, bits, offsets, values), bits_bytes + values_bytes + n * 2, **tag)
-        del bits, values, h
-      except Exception as e:  # a block config that does not compile is reported, not fatal
-        print(f"kernel config {tag} failed: {type(e).__name__}: {str(e)[:300]}")
+        f_sp = jax.jit(lambda a, c=c: single_pass.pack(a, cap, relu=True, square_out=True, config=c,
+                                                       interpret=_INTERPRET))
+        bits, values, offs, cnt, h = f_sp(y)
+        exact = bool(jnp.array_equal(bits, want_bits) & jnp.array_equal(values, want_values)
+                     & jnp.array_equal(offs, offsets) & jnp.array_equal(cnt, counts)
+                     & jnp.array_equal(h.view(jnp.uint16), want_h.view(jnp.uint16)))
+        del bits, values, offs, cnt, h
+        t = _time(f_sp, y)
+        if not exact:
+          print(f"!! single-pass {fitted.label()} differs from the two-pass kernels")
+        add("pack_relu_square single-pass", t, _pack_bytes(n, nnz, True), blocks=fitted.label(),
+            warps=fitted.num_warps, exact=exact, pack_config=dataclasses.asdict(fitted))
+        if exact:
+          timed.append((t, c))
+      except Exception as e:  # a configuration that does not compile is reported, not fatal
+        print(f"single-pass {fitted.label()} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+    if ranked is None:
+      ranked = [c for _, c in sorted(timed, key=lambda tc: tc[0])]
+    if ranked:
+      best = ranked[0]
+      # What pack_bitmask runs (kernel + the count's sum), with the fastest configuration of this process.
+      f_best = jax.jit(lambda a: (lambda o: (o, jnp.sum(o[3].astype(jnp.float32))))(
+          single_pass.pack(a, cap, relu=True, square_out=True, config=best, interpret=_INTERPRET)))
+      add("pack_bitmask(relu, square) end to end, fastest config", _time(f_best, y), _pack_bytes(n, nnz, True),
+          blocks=single_pass.fit_config(best, (T, F)).label())
+      f_sp1 = jax.jit(lambda a: single_pass.pack(a, cap, relu=True, square_out=False, config=best,
+                                                 interpret=_INTERPRET))
+      add("pack_relu single-pass (no h)", _time(f_sp1, y), _pack_bytes(n, nnz, False),
+          blocks=single_pass.fit_config(best, (T, F)).label())
+
+    # Unpack (the backward's decompress), default blocks first.
+    for br, bc, nw, ns, words in (UNPACK_SWEEP if sweep and zeros == zeros_list[0] else UNPACK_SWEEP[:1]):
+      kw = dict(block_rows=br, block_cols=bc, num_warps=nw, num_stages=ns, words=words, interpret=_INTERPRET)
+      d = kernels.default_blocks((T, F))
+      utag = dict(blocks=f"{br or d[0]}x{bc or d[1]}/w{nw}s{ns}{'/words' if words else ''}", warps=nw)
+      try:
+        f_u2 = jax.jit(lambda b, o, v, kw=kw: kernels.unpack(b, o, v, (T, F), square_out=True, **kw))
+        add("unpack_square", _time(f_u2, want_bits, offsets, want_values), bits_bytes + values_bytes + 2 * n * 2,
+            **utag)
+        f_u1 = jax.jit(lambda b, o, v, kw=kw: kernels.unpack(b, o, v, (T, F), square_out=False, **kw))
+        add("unpack", _time(f_u1, want_bits, offsets, want_values), bits_bytes + values_bytes + n * 2, **utag)
+      except Exception as e:
+        print(f"unpack {utag} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+
     # End to end, against the XLA passes they replace in the FFN (forward relu^2; backward r^2).
     e2e_pack = jax.jit(lambda a: jsparse.pack_bitmask(a, cap, relu=True, return_square=True))
     packed, _ = e2e_pack(y)
     t_pack, t_relu = _time(e2e_pack, y), _time(relu_sq, y)
+    add("pack_bitmask(relu, square) end to end", t_pack, _pack_bytes(n, nnz, True))
     records.append(_util.record(BENCH, config=dict(cfg, kernel="pack_bitmask(relu, square) end to end"),
                                 metric="time", baseline="xla_relu_square", ours=t_pack, base=t_relu))
     rows.append(dict(kernel="e2e pack vs xla relu^2", zeros=zeros, ms=t_pack, base_ms=t_relu))
@@ -156,10 +248,34 @@ def bench_kernels(T, F, zeros_list, sweep: bool):
       rows.append(dict(kernel="e2e pack vs xla reference pack", zeros=zeros, ms=t_pack, base_ms=t_xla))
     except Exception as e:
       print(f"xla reference pack failed: {e!r}"[:300])
-    del y, packed, r
+    del y, packed, r, want_bits, want_values, want_h
     gc.collect()
-  _util.print_table(rows, ["kernel", "zeros", "blocks", "warps", "ms", "base_ms", "gbps", "of_copy"])
+    if out:  # partial results survive a run cut short
+      _util.write_results(out, records)
+  _util.print_table(rows, ["kernel", "zeros", "blocks", "exact", "ms", "base_ms", "gbps", "of_copy"])
   return records
+
+
+def profile_kernels(T, F, results_path: str, zeros: float = 0.85, repeats: int = 3):
+  """Runs the two-pass pack, the fastest single-pass configuration in ``results_path`` and the default unpack a few
+  times each, untimed: a target for ``ncu -k regex:jsparse``."""
+  import json
+  with open(results_path) as f:
+    recs = [r for r in json.load(f) if r["config"].get("kernel") == "pack_relu_square single-pass"
+            and r["config"].get("zeros") == zeros and r["config"].get("exact")]
+  best = single_pass.PackConfig(**min(recs, key=lambda r: r["ms"])["config"]["pack_config"]) if recs else None
+  print(f"profiling: two-pass pack, single-pass {best and best.label()}, unpack_square")
+  y = jax.random.normal(jax.random.key(1), (T, F), jnp.bfloat16) - _ppf(zeros)
+  cap = fmt.capacity_elements("bench", (T, F), min(1.0, (1 - zeros) * CAPACITY_MARGIN))
+  offsets = fmt.saturating_exclusive_cumsum(kernels.count(y, relu=True), cap)
+  f_pack = jax.jit(lambda a, o: kernels.pack(a, o, cap, relu=True, square_out=True))
+  f_sp = jax.jit(lambda a: single_pass.pack(a, cap, relu=True, square_out=True, config=best))
+  bits, values, _ = f_pack(y, offsets)
+  f_un = jax.jit(lambda b, o, v: kernels.unpack(b, o, v, (T, F), square_out=True))
+  for _ in range(repeats):
+    jax.block_until_ready(f_pack(y, offsets))
+    jax.block_until_ready(f_sp(y))
+    jax.block_until_ready(f_un(bits, offsets, values))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -367,12 +483,17 @@ def main(argv=None):
   p.add_argument("--sections", default="kernels,ffn,max_batch,residuals")
   p.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test of the script)")
   p.add_argument("--no-sweep", action="store_true")
+  p.add_argument("--kernels-only", action="store_true", help="only the kernel bandwidth section")
+  p.add_argument("--profile", metavar="RESULTS", help="run the kernels untimed for ncu (fastest config in RESULTS)")
   p.add_argument("--layers", type=int, default=8)
   args = p.parse_args(argv)
   if _INTERPRET:
     jsparse.kernels._common._state.interpret = True  # the CPU smoke run: Pallas in interpret mode
-  sections = set(args.sections.split(","))
+  sections = {"kernels"} if args.kernels_only else set(args.sections.split(","))
   print(f"device: {_util.device_name()}  jax {jax.__version__}")
+  if args.profile:
+    profile_kernels(*((256, 512) if args.quick else (16384, 8192)), args.profile)
+    return 0
   records = []
   t0 = time.time()
   if args.quick:
@@ -393,7 +514,7 @@ def main(argv=None):
       _util.write_results(args.out, records)
 
   run("residuals", lambda: (print_residuals(), [])[1])
-  run("kernels", lambda: bench_kernels(*kshape, ZEROS, sweep=not args.no_sweep))
+  run("kernels", lambda: bench_kernels(*kshape, ZEROS, sweep=not args.no_sweep, out=args.out))
   run("ffn", lambda: bench_ffn(shapes, ZEROS, POLICIES))
   run("max_batch", lambda: bench_max_batch(shapes[0][1], shapes[0][2], 0.85, args.layers,
                                            ["save_dense", "compressed"], probe=probe, step=step))

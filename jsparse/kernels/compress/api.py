@@ -11,6 +11,7 @@ from jsparse.kernels import _common as common
 from jsparse.kernels.compress import format as fmt
 from jsparse.kernels.compress import pallas as compress_pallas
 from jsparse.kernels.compress import reference as ref
+from jsparse.kernels.compress import single_pass
 
 BitmaskPacked = fmt.BitmaskPacked
 
@@ -28,8 +29,9 @@ def pack_bitmask(x: jax.Array, capacity: float | int = 0.25, *, relu: bool = Fal
                  implementation: str | None = None):
   """Packs the non-zeros of ``x`` (or of ``relu(x)``) into a bitmask + fixed-capacity values buffer.
 
-  Two passes on a GPU: per-row counts, a prefix sum over rows (XLA, a few kB), then one kernel writing the bitmask
-  and scattering the values (and ``h``). Non-zeros beyond ``capacity`` (the last ones in row-major order) are not
+  One kernel on a GPU (:mod:`jsparse.kernels.compress.single_pass`): it reads ``x`` once, finds each band of rows'
+  place in the values buffer by a decoupled look-back over the bands before it, and writes the bitmask, the values
+  and ``h``. Non-zeros beyond ``capacity`` (the last ones in row-major order) are not
   stored: check ``packed.dropped_fraction``, or size ``capacity`` above the density you expect.
 
   Args:
@@ -58,12 +60,10 @@ def pack_bitmask(x: jax.Array, capacity: float | int = 0.25, *, relu: bool = Fal
     out = ref.pack(x_RxC, elements, relu=relu, square_out=return_square)
     packed, h = out if return_square else (out, None)
   else:
-    interpret = common.interpret_enabled()
-    counts = compress_pallas.count(x_RxC, relu=relu, interpret=interpret)
-    offsets = fmt.saturating_exclusive_cumsum(counts, elements)
-    outs = compress_pallas.pack(x_RxC, offsets, elements, relu=relu, square_out=return_square, interpret=interpret)
-    bits, values = outs[:2]
-    h = outs[2] if return_square else None
+    outs = single_pass.pack(x_RxC, elements, relu=relu, square_out=return_square,
+                            interpret=common.interpret_enabled())
+    bits, values, offsets, counts = outs[:4]
+    h = outs[4] if return_square else None
     packed = fmt.BitmaskPacked(bits, values, offsets, jnp.sum(counts.astype(jnp.float32)), x_RxC.shape)
   packed = fmt.BitmaskPacked(packed.bits, packed.values, packed.row_offsets, packed.nnz, shape)
   if not return_square:

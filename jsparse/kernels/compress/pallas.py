@@ -25,12 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jsparse.kernels.compress import _chunks as chunks_lib
 from jsparse.kernels.compress import format as fmt
-
-try:  # Triton-specific masked load/store; absent only in JAX builds without the Triton backend.
-  from jax.experimental.pallas import triton as pltriton
-except ImportError:  # pragma: no cover
-  pltriton = None
+from jsparse.kernels.compress._chunks import pltriton
 
 BLOCK_ROWS = (16, 8, 4, 2, 1)
 BLOCK_COLS = (1024, 512, 256, 128, 64, 32)
@@ -47,6 +44,8 @@ def supports(shape: tuple[int, ...], dtype) -> tuple[bool, str]:
     return False, f"dtype {jnp.dtype(dtype)} is not one of bfloat16, float16, float32"
   if shape[1] % 32:
     return False, f"the row length {shape[1]} is not a multiple of 32"
+  if shape[0] * shape[1] >= 2**31:
+    return False, f"{shape[0] * shape[1]} elements: the kernels index in int32 (< 2**31)"
   return True, ""
 
 
@@ -63,37 +62,8 @@ def default_blocks(shape: tuple[int, int], kernel: str = "pack") -> tuple[int, i
   return br, bc
 
 
-def _params(num_warps: int):
-  return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
-
-
-def _activation(x, relu: bool):
-  if not relu:
-    return x
-  zero = jnp.zeros((), x.dtype)
-  return jnp.where(x > 0, x, jnp.where(x != x, x, zero))  # x != x: NaN stays NaN
-
-
-def _square(r):
-  r32 = r.astype(jnp.float32)
-  return (r32 * r32).astype(r.dtype)
-
-
-def _exclusive_prefix(nz_i32):
-  return jnp.cumsum(nz_i32, axis=1) - nz_i32
-
-
-def _pack_words(keep, br: int, bc: int):
-  lanes = keep.astype(jnp.uint32).reshape(br, bc // fmt.WORD_BITS, fmt.WORD_BITS)
-  shifts = jax.lax.broadcasted_iota(jnp.uint32, (br, bc // fmt.WORD_BITS, fmt.WORD_BITS), 2)
-  return jnp.sum(lanes << shifts, axis=2)
-
-
-def _unpack_words(words, br: int, bc: int):
-  shape = (br, bc // fmt.WORD_BITS, fmt.WORD_BITS)
-  shifts = jax.lax.broadcasted_iota(jnp.uint32, shape, 2)
-  lanes = (jnp.broadcast_to(words[:, :, None], shape) >> shifts) & jnp.uint32(1)
-  return lanes.reshape(br, bc) != 0
+def _params(num_warps: int, num_stages: int = 1):
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -102,15 +72,13 @@ def _unpack_words(words, br: int, bc: int):
 
 def _count_kernel(x_ref, counts_ref, *, relu: bool, br: int, bc: int, chunks: int):
   def body(k, acc):
-    x = x_ref[:, pl.ds(pl.multiple_of(k * bc, bc), bc)]
-    nz = (_activation(x, relu) != 0).astype(jnp.int32)
-    return acc + jnp.sum(nz, axis=1)
+    return acc + chunks_lib.nonzero_count(x_ref[:, pl.ds(pl.multiple_of(k * bc, bc), bc)], relu)
 
   counts_ref[...] = jax.lax.fori_loop(0, chunks, body, jnp.zeros((br,), jnp.int32))
 
 
 def count(x_RxC: jax.Array, *, relu: bool, block_rows: int | None = None, block_cols: int | None = None,
-          num_warps: int = 4, interpret: bool = False) -> jax.Array:
+          num_warps: int = 4, num_stages: int = 1, interpret: bool = False) -> jax.Array:
   """Non-zeros per row of ``activation(x)``, int32 ``(R,)``."""
   R, C = x_RxC.shape
   br, bc = _blocks(x_RxC.shape, block_rows, block_cols, "count")
@@ -119,7 +87,7 @@ def count(x_RxC: jax.Array, *, relu: bool, block_rows: int | None = None, block_
       kernel, out_shape=jax.ShapeDtypeStruct((R,), jnp.int32), grid=(R // br,),
       in_specs=[pl.BlockSpec((br, C), lambda i: (i, 0))],
       out_specs=pl.BlockSpec((br,), lambda i: (i,)),
-      compiler_params=_params(num_warps), interpret=interpret, name="jsparse_bitmask_count")(x_RxC)
+      compiler_params=_params(num_warps, num_stages), interpret=interpret, name="jsparse_bitmask_count")(x_RxC)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -127,31 +95,26 @@ def count(x_RxC: jax.Array, *, relu: bool, block_rows: int | None = None, block_
 
 
 def _pack_kernel(x_ref, offsets_ref, values_in_ref, bits_ref, values_ref, *h_ref, relu: bool, capacity: int,
-                 br: int, bc: int, chunks: int):
+                 bc: int, chunks: int):
   del values_in_ref  # aliased to values_ref: a zeroed buffer, so the unused tail reads as zeros
   bw = bc // fmt.WORD_BITS
 
   def body(k, start):
     col = pl.multiple_of(k * bc, bc)
-    r = _activation(x_ref[:, pl.ds(col, bc)], relu)
-    nz = (r != 0).astype(jnp.int32)
-    pos = start[:, None] + _exclusive_prefix(nz)
-    keep = (nz != 0) & (pos < capacity)
-    # Masked-off lanes point past the buffer: Triton never touches them, and the interpreter's scatter drops them
-    # (with an in-bounds dummy index its read-modify-write could race a real store to that slot).
-    pltriton.store(values_ref.at[jnp.where(keep, pos, capacity)], r, mask=keep)
-    bits_ref[:, pl.ds(pl.multiple_of(k * bw, bw), bw)] = _pack_words(keep, br, bc)
+    r, pos, keep, words, start = chunks_lib.pack_chunk(x_ref[:, pl.ds(col, bc)], start, capacity, relu)
+    chunks_lib.store_chunk(values_ref, r, pos, keep, capacity)
+    bits_ref[:, pl.ds(pl.multiple_of(k * bw, bw), bw)] = words
     if h_ref:
-      h_ref[0][:, pl.ds(col, bc)] = jnp.where(keep, _square(r), jnp.zeros((), r.dtype))
-    return start + jnp.sum(nz, axis=1)
+      h_ref[0][:, pl.ds(col, bc)] = chunks_lib.kept_square(r, keep)
+    return start
 
   jax.lax.fori_loop(0, chunks, body, offsets_ref[...])
 
 
 def pack(x_RxC: jax.Array, row_offsets: jax.Array, capacity: int, *, relu: bool, square_out: bool,
-         block_rows: int | None = None, block_cols: int | None = None, num_warps: int = 4,
+         block_rows: int | None = None, block_cols: int | None = None, num_warps: int = 4, num_stages: int = 1,
          interpret: bool = False):
-  """Pass 2 of the packer. Returns ``(bits, values)`` and, with ``square_out``, ``h``."""
+  """Pass 2 of the two-pass packer. Returns ``(bits, values)`` and, with ``square_out``, ``h``."""
   R, C = x_RxC.shape
   br, bc = _blocks(x_RxC.shape, block_rows, block_cols)
   out_shape = [jax.ShapeDtypeStruct((R, C // fmt.WORD_BITS), jnp.uint32),
@@ -161,13 +124,13 @@ def pack(x_RxC: jax.Array, row_offsets: jax.Array, capacity: int, *, relu: bool,
   if square_out:
     out_shape.append(jax.ShapeDtypeStruct((R, C), x_RxC.dtype))
     out_specs.append(pl.BlockSpec((br, C), lambda i: (i, 0)))
-  kernel = functools.partial(_pack_kernel, relu=relu, capacity=capacity, br=br, bc=bc, chunks=C // bc)
+  kernel = functools.partial(_pack_kernel, relu=relu, capacity=capacity, bc=bc, chunks=C // bc)
   return pl.pallas_call(
       kernel, out_shape=tuple(out_shape), grid=(R // br,),
       in_specs=[pl.BlockSpec((br, C), lambda i: (i, 0)), pl.BlockSpec((br,), lambda i: (i,)),
                 pl.BlockSpec((capacity,), lambda i: (0,))],
       out_specs=tuple(out_specs), input_output_aliases={2: 1},
-      compiler_params=_params(num_warps), interpret=interpret, name="jsparse_bitmask_pack",
+      compiler_params=_params(num_warps, num_stages), interpret=interpret, name="jsparse_bitmask_pack",
   )(x_RxC, row_offsets, jnp.zeros((capacity,), x_RxC.dtype))
 
 
@@ -175,45 +138,57 @@ def pack(x_RxC: jax.Array, row_offsets: jax.Array, capacity: int, *, relu: bool,
 # unpack
 
 
-def _unpack_kernel(bits_ref, offsets_ref, values_ref, r_ref, *h_ref, br: int, bc: int, chunks: int):
+def _unpack_kernel(bits_ref, offsets_ref, values_ref, r_ref, *h_ref, br: int, bc: int, chunks: int, words: bool):
   bw = bc // fmt.WORD_BITS
   capacity = values_ref.shape[0]
 
   def body(k, start):
-    col = pl.multiple_of(k * bc, bc)
-    keep = _unpack_words(bits_ref[:, pl.ds(pl.multiple_of(k * bw, bw), bw)], br, bc)
-    nz = keep.astype(jnp.int32)
-    pos = start[:, None] + _exclusive_prefix(nz)
+    w = bits_ref[:, pl.ds(pl.multiple_of(k * bw, bw), bw)]
+    if words:  # (br, bw, 32) view: lane prefix plus the words before, no reshape
+      shape = (br, bw, fmt.WORD_BITS)
+      lanes = jax.lax.broadcasted_iota(jnp.uint32, shape, 2)
+      nz = ((jnp.broadcast_to(w[:, :, None], shape) >> lanes) & jnp.uint32(1)).astype(jnp.int32)
+      word_nz = jnp.sum(nz, axis=2)
+      pos = (start[:, None, None] + (jnp.cumsum(word_nz, axis=1) - word_nz)[:, :, None]
+             + jnp.cumsum(nz, axis=2) - nz)
+      row_nz = jnp.sum(word_nz, axis=1)
+      cols = (slice(None), pl.ds(pl.multiple_of(k * bw, bw), bw), slice(None))
+    else:
+      nz = chunks_lib.unpack_words(w, br, bc).astype(jnp.int32)
+      pos = start[:, None] + jnp.cumsum(nz, axis=1) - nz
+      row_nz = jnp.sum(nz, axis=1)
+      cols = (slice(None), pl.ds(pl.multiple_of(k * bc, bc), bc))
+    keep = nz != 0
     r = pltriton.load(values_ref.at[jnp.where(keep, pos, capacity - 1)], mask=keep, other=0)
     r = jnp.where(keep, r, jnp.zeros((), r.dtype))
-    r_ref[:, pl.ds(col, bc)] = r
+    r_ref[cols] = r
     if h_ref:
-      h_ref[0][:, pl.ds(col, bc)] = jnp.where(keep, _square(r), jnp.zeros((), r.dtype))
-    return start + jnp.sum(nz, axis=1)
+      h_ref[0][cols] = chunks_lib.kept_square(r, keep)
+    return start + row_nz
 
   jax.lax.fori_loop(0, chunks, body, offsets_ref[...])
 
 
 def unpack(bits: jax.Array, row_offsets: jax.Array, values: jax.Array, shape: tuple[int, int], *,
            square_out: bool, block_rows: int | None = None, block_cols: int | None = None, num_warps: int = 4,
-           interpret: bool = False):
-  """Dense ``r`` (and ``h`` with ``square_out``) from the packed arrays."""
+           num_stages: int = 1, words: bool = False, interpret: bool = False):
+  """Dense ``r`` (and ``h`` with ``square_out``) from the packed arrays; ``words`` writes through the
+  ``(R, C/32, 32)`` view."""
   R, C = shape
   br, bc = _blocks(shape, block_rows, block_cols)
   capacity = values.shape[0]
-  out_shape = [jax.ShapeDtypeStruct((R, C), values.dtype)]
-  out_specs = [pl.BlockSpec((br, C), lambda i: (i, 0))]
-  if square_out:
-    out_shape.append(jax.ShapeDtypeStruct((R, C), values.dtype))
-    out_specs.append(pl.BlockSpec((br, C), lambda i: (i, 0)))
-  kernel = functools.partial(_unpack_kernel, br=br, bc=bc, chunks=C // bc)
+  dense = (R, C // fmt.WORD_BITS, fmt.WORD_BITS) if words else (R, C)
+  dense_spec = pl.BlockSpec((br,) + dense[1:], lambda i: (i,) + (0,) * (len(dense) - 1))
+  out_shape = [jax.ShapeDtypeStruct(dense, values.dtype)] * (2 if square_out else 1)
+  kernel = functools.partial(_unpack_kernel, br=br, bc=bc, chunks=C // bc, words=words)
   out = pl.pallas_call(
       kernel, out_shape=tuple(out_shape), grid=(R // br,),
       in_specs=[pl.BlockSpec((br, C // fmt.WORD_BITS), lambda i: (i, 0)), pl.BlockSpec((br,), lambda i: (i,)),
                 pl.BlockSpec((capacity,), lambda i: (0,))],
-      out_specs=tuple(out_specs),
-      compiler_params=_params(num_warps), interpret=interpret, name="jsparse_bitmask_unpack",
+      out_specs=tuple([dense_spec] * len(out_shape)),
+      compiler_params=_params(num_warps, num_stages), interpret=interpret, name="jsparse_bitmask_unpack",
   )(bits, row_offsets, values)
+  out = [o.reshape(R, C) for o in out]
   return tuple(out) if square_out else out[0]
 
 
