@@ -107,7 +107,7 @@ def shape_setup(name, log):
   return _SHAPE_CACHE[name]
 
 
-def bench_config(name, E, records, impls, log):
+def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
   T, D, F = SHAPES[name]
   x, w1, w2, t_dense = shape_setup(name, log)
   cfg = rt.RouterConfig(num_groups=E, block=ROW_TILE, kmeans_iters=10)
@@ -141,7 +141,7 @@ def bench_config(name, E, records, impls, log):
       f"relayout {t_relayout:.2f} ms")
   jobs = []  # (impl, pass, jitted fn, weight args)
   for impl in impls:
-    if impl == "einsum_equal_groups" and E != 8:
+    if (impl == "einsum_equal_groups" and E != 8) or (impl == "ours" and E not in token_order_at):
       continue
     kw = dict(implementation="pallas" if impl == "ours" else impl)
     st, a1, a2 = state, w1, w2
@@ -240,6 +240,15 @@ SWEEP_ONLY = {"n64": ("up", "dh"), "n64cl": ("up", "dh"), "cln": ("dw1", "dw2")}
 # Second stage: the best single change of each category that beats the base, combined.
 SWEEP_CATEGORIES = (("f1", "cl", "clf1", "cln"), ("m0", "w8", "m0w8"), ("s3", "n64", "n64cl"))
 SWEEP_GEMMS = ("up", "down", "dh", "dx", "dw1", "dw2")
+# Whole-op tuning variants (--op-variants): single changes the GEMM sweep found faster in isolation.
+OP_VARIANTS = {
+    "current": {},
+    "dh_n64": dict(dh=dict(tile_n=64)),
+    "m0_dx_dw1": dict(dx=dict(grid_minor_dim=0), dw1=dict(grid_minor_dim=0)),
+    "f1_all": {g: dict(mma_in_flight=1) for g in SWEEP_GEMMS},
+    "n64_up_dh": dict(up=dict(tile_n=64), dh=dict(tile_n=64)),
+    "cl_dw": dict(dw1=dict(cluster="m"), dw2=dict(cluster="m")),
+}
 
 
 def _fields(gemm, fields):
@@ -417,12 +426,25 @@ def sweep_pieces(name, E, out_records, log):
     log(f"[pieces {name} E={E}] {pname:14s} {t:7.3f} ms")
 
 
-def sweep_op(name, E, variants, out_records, log):
-  """fwd+bwd and fwd of the whole op (pallas, weights in router order) under each {gemm: fields} variant."""
+_ROUTER_CACHE = {}
+
+
+def _router(name, E, w1):
+  if (name, E) not in _ROUTER_CACHE:
+    cfg = rt.RouterConfig(num_groups=E, block=ROW_TILE, kmeans_iters=10)
+    _ROUTER_CACHE[(name, E)] = cfg, jax.jit(lambda w, k: rt.router_init(w, cfg, k))(w1, jax.random.key(1))
+  return _ROUTER_CACHE[(name, E)]
+
+
+def sweep_op(name, E, variants, out_records, log, rounds=1, deadline=float("inf")):
+  """fwd+bwd and fwd of the whole op (pallas, weights in router order) under each {gemm: fields} variant.
+
+  All variants are compiled first, then timed ``rounds`` times in alternation (the spread between rounds is the
+  measurement noise that a difference between variants has to beat).
+  """
   T, D, F = SHAPES[name]
   x, w1, w2, t_dense = shape_setup(name, log)
-  cfg = rt.RouterConfig(num_groups=E, block=ROW_TILE, kmeans_iters=10)
-  state = jax.jit(lambda w, k: rt.router_init(w, cfg, k))(w1, jax.random.key(1))
+  cfg, state = _router(name, E, w1)
   settled, perm = rt.settle_permutation(state)
   w1g, w2g = rt.take_neurons(w1, perm, 1), rt.take_neurons(w2, perm, 0)
 
@@ -439,21 +461,25 @@ def sweep_op(name, E, variants, out_records, log):
       except Exception as e:
         lowered.append(e)
   comp = compile_all([(_Lowered(lw), ()) for lw in lowered])
-  for i, (vname, per_gemm) in enumerate(variants.items()):
-    try:
-      fb, fw = comp[2 * i], comp[2 * i + 1]
-      for fn in (fb, fw):
-        if isinstance(fn, Exception):
-          raise fn
-      t = timed(fb, x, w1g, w2g)
-      tf = timed(fw, x, w1g, w2g)
-    except Exception as e:
-      log(f"[op {name} E={E}] {vname} FAILED: {type(e).__name__}: {str(e)[:300]}")
-      continue
-    out_records.append(dict(shape=name, E=E, gemm="op", config=vname, fields=per_gemm, ms=t, fwd_ms=tf,
-                            x_dense=t_dense["fwd+bwd"] / t, x_dense_fwd=t_dense["fwd"] / tf))
-    log(f"[op {name} E={E}] {vname:10s} fwd+bwd {t:7.3f} ms {t_dense['fwd+bwd'] / t:5.2f}x dense; "
-        f"fwd {tf:7.3f} ms {t_dense['fwd'] / tf:5.2f}x")
+  for rnd in range(rounds):
+    for i, (vname, per_gemm) in enumerate(variants.items()):
+      if time.time() > deadline:
+        log(f"[op {name} E={E}] deadline reached before {vname} round {rnd}")
+        return
+      try:
+        fb, fw = comp[2 * i], comp[2 * i + 1]
+        for fn in (fb, fw):
+          if isinstance(fn, Exception):
+            raise fn
+        t = timed(fb, x, w1g, w2g)
+        tf = timed(fw, x, w1g, w2g)
+      except Exception as e:
+        log(f"[op {name} E={E}] {vname} FAILED: {type(e).__name__}: {str(e)[:300]}")
+        continue
+      out_records.append(dict(shape=name, E=E, gemm="op", config=vname, round=rnd, fields=per_gemm, ms=t,
+                              fwd_ms=tf, x_dense=t_dense["fwd+bwd"] / t, x_dense_fwd=t_dense["fwd"] / tf))
+      log(f"[op {name} E={E}] {vname:10s} round {rnd} fwd+bwd {t:7.3f} ms {t_dense['fwd+bwd'] / t:5.2f}x dense; "
+          f"fwd {tf:7.3f} ms {t_dense['fwd'] / tf:5.2f}x")
 
 
 def main(argv=None):
@@ -468,6 +494,12 @@ def main(argv=None):
   p.add_argument("--sweep-configs", default="base,f1,cl,clf1,m0,m0w8,n64,n64cl,cln")
   p.add_argument("--sweep-seconds", type=float, default=170.0, help="stop starting sweep steps after this")
   p.add_argument("--max-seconds", type=float, default=1e9, help="stop starting benchmark configs after this")
+  p.add_argument("--token-order-at", default="2,4,8,16",
+                 help="E values at which 'ours' (weights in token order, permuted every step) is also timed")
+  p.add_argument("--op-variants", default="", help=f"after the benchmark: the whole op at 7b/1b E=8 under these "
+                 f"tuning variants ({','.join(OP_VARIANTS)}), each run twice in alternation, into *_sweep.json")
+  p.add_argument("--op-variant-shapes", default="7b")
+  p.add_argument("--diag-seconds", type=float, default=1e9, help="stop starting op variants after this")
   p.add_argument("--no-bench", action="store_true")
   args = p.parse_args(argv)
   t0 = time.time()
@@ -506,13 +538,14 @@ def main(argv=None):
   records = []
   if not args.no_bench:
     # The goal configurations first; the results file is rewritten after each one (a time limit keeps what ran).
-    order = {8: 0, 2: 1, 4: 2, 16: 3}
+    order = {8: 0, 2: 1, 16: 2, 4: 3}
     pairs = [(n, int(e)) for n in args.shapes.split(",") for e in args.experts.split(",")]
+    token_order_at = tuple(int(e) for e in args.token_order_at.split(",") if e)
     for name, E in sorted(pairs, key=lambda p: (order.get(p[1], 9), p[0])):
       if time.time() - t0 > args.max_seconds:
         log(f"--max-seconds reached: {name} E={E} and later configurations not run")
         break
-      bench_config(name, E, records, args.impls.split(","), log)
+      bench_config(name, E, records, args.impls.split(","), log, token_order_at)
       _util.write_results(args.out, records)
     rows = [dict(shape=r["config"]["shape"], E=r["config"]["E"], impl=r["config"]["impl"], pass_=r["config"]["pass"],
                  ms=r["ours"], dense_ms=r["base"], x_dense=r["ratio"], x_einsum=r.get("vs_einsum", ""),
@@ -520,6 +553,15 @@ def main(argv=None):
                  err=r.get("max_rel_err_vs_einsum", "")) for r in records]
     _util.print_table(rows, ["shape", "E", "impl", "pass_", "ms", "dense_ms", "x_dense", "x_einsum", "x_eins_eq",
                              "goal", "mass", "err"])
+  if args.op_variants:
+    diag, deadline = [], t0 + args.diag_seconds
+    names = args.op_variants.split(",")
+    for name in args.op_variant_shapes.split(","):
+      if time.time() > deadline:
+        log(f"--diag-seconds reached before {name}")
+        break
+      sweep_op(name, 8, {v: OP_VARIANTS[v] for v in names}, diag, log, rounds=2, deadline=deadline)
+      _util.write_results(os.path.splitext(args.out)[0] + "_sweep.json", diag)
 
 
 if __name__ == "__main__":

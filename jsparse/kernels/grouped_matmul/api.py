@@ -28,8 +28,11 @@ KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 GEMMS = {("gmm", "n", False): "up", ("gmm", "k", False): "down", ("gmm", "n", True): "dh",
          ("gmm", "k", True): "dx", ("gmm_t", "n", False): "dw1", ("gmm_t", "m", False): "dw2"}
 
-# Tuned TileConfig fields per GEMM (benchmarks/routed_ffn.py --sweep, H100; see benchmarks/results/routed_ffn.json).
-# ``cluster`` is dropped where the tile count along it is odd.
+# Tuned TileConfig fields per GEMM; ``cluster`` is dropped where the tile count along it is odd. Empty: on the H100
+# (benchmarks/routed_ffn.py --sweep, E=8, trained-like routing, 2026-11-23) no variant won robustly. Alone, single
+# GEMMs gained at most 2-4% (7b: dh with 64-column warpgroups 0.490 -> 0.478 ms, dx / dW1 walking N first 0.481 ->
+# 0.465 / 0.378 -> 0.364 ms, dW2 in 2-CTA clusters 0.359 -> 0.346 ms; mma_in_flight=1 within 2%), but the whole op
+# with those winners ran slower (7b fwd+bwd 3.268 vs 2.995 ms; 1b 1.174-1.223 vs 1.160 ms).
 TUNED: dict[str, dict] = {name: {} for name in GEMMS.values()}
 
 _overrides: list[dict[str, dict]] = []
