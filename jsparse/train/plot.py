@@ -55,6 +55,11 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
   return np.concatenate([head, np.convolve(y, kernel, mode="valid")])
 
 
+def st_max(runs: Sequence[dict[str, Any]]) -> float:
+  """The largest step any run logged."""
+  return max((float(r[k][0].max()) for r in runs for k in ("train", "val") if len(r[k][0])), default=0.0)
+
+
 def plot_runs(run_dirs: Sequence[str], out: str, *, smooth: int = 20, title: str | None = None) -> str:
   """Writes the PNG and returns its path."""
   import matplotlib
@@ -68,9 +73,11 @@ def plot_runs(run_dirs: Sequence[str], out: str, *, smooth: int = 20, title: str
   ax = axes[0, 0]
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   shaded = set()
+  many = len(runs) > 4  # then only the validation curves go in the legend
   for i, run in enumerate(runs):
     color = colors[i % len(colors)]
-    for p in run["phases"]:
+    has_sparse = any(p["phase"] == "sparse" and p["end"] > p["start"] for p in run["phases"])
+    for p in run["phases"] if has_sparse else ():  # an all-dense run has no phases worth shading
       span = (p["phase"], p["start"], p["end"])
       if p["phase"] != "dense_warmup" and span not in shaded:
         shaded.add(span)
@@ -79,12 +86,19 @@ def plot_runs(run_dirs: Sequence[str], out: str, *, smooth: int = 20, title: str
                     label=p["phase"].replace("_", " ") if a is ax and len(shaded) <= 2 else None)
     steps, loss = run["train"]
     if len(steps):
-      ax.plot(steps, _smooth(loss, smooth), color=color, lw=1.0, alpha=0.9, label=f"{run['name']} train")
+      ax.plot(steps, _smooth(loss, smooth), color=color, lw=1.0, alpha=0.6 if many else 0.9,
+              label=None if many else f"{run['name']} train")
     steps, loss = run["val"]
     if len(steps):
       ax.plot(steps, loss, "o-", color=color, ms=4, lw=1.5, label=f"{run['name']} val")
     if has_density and len(run["density"][0]):
       axes[1, 0].plot(*run["density"], color=color, lw=1.0, label=run["name"])
+  # Zoom on the part that separates runs: the first 10% of steps (the initial drop) would flatten the rest.
+  cut = 0.1 * st_max(runs)
+  tail = [float(v) for r in runs for k in ("train", "val") for st, v in zip(*r[k]) if st > cut]
+  if tail:
+    lo, hi = min(tail), max(tail)
+    ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
   ax.set_ylabel("cross-entropy (nats/token)")
   ax.set_title(title or "jsparse: loss by step (shaded: sparse phase, dense tail)")
   ax.grid(alpha=0.3)
