@@ -133,6 +133,11 @@ def _is_oom(e: BaseException) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
+def _attention() -> str:
+  """The attention the models' default picks here (``attention_implementation=None``)."""
+  return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
 def skipped(config: dict, reason: str, base: float | None) -> dict:
   return dict(bench="train_step", device=_util.device_name(), date=_util.today(), config=config,
               metric="tokens_per_s", baseline="dense", ours=None, base=base, ratio=None, skipped=reason)
@@ -165,7 +170,7 @@ def run_modes(args, records: list, table: list) -> None:
     base_ms = dense[remat]["dense_ms"]
     for mode in modes:
       config = dict(preset=args.preset, layers=layers, batch=batch, seq=args.seq, tokens_per_step=tokens, mode=mode,
-                    remat=remat, implementation=args.implementation or "default")
+                    remat=remat, implementation=args.implementation or "default", attention=_attention())
       base_tps = tokens / base_ms * 1e3
       if _out_of_time(args):
         records.append(skipped(config, "time budget (--max-seconds) used up", base_tps))
@@ -254,7 +259,7 @@ def run_scaling(args, records: list, table: list) -> None:
   for label, (tps, ms, batch) in results.items():
     if label == "1 device":
       continue
-    config = dict(preset=args.preset, layers=layers, mode=mode, seq=args.seq, per_device_batch=per_device,
+    config = dict(preset=args.preset, layers=layers, mode=mode, seq=args.seq, per_device_batch=per_device, attention=_attention(),
                   global_batch=batch, devices=n, mesh=label.split(" ", 2)[2])
     rec = _util.record("train_step_scaling", config=config, metric="tokens_per_s", baseline="1_device", ours=tps,
                        base=base_tps, step_ms=ms, base_step_ms=results["1 device"][1], efficiency=tps / base_tps / n)
