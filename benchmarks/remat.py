@@ -108,7 +108,7 @@ PACK_SWEEP = [
     _SP(2, 1024, num_warps=8, reload=True),
     _SP(4, 1024, num_warps=8),
     _SP(1, 512, num_warps=2),
-    _SP(1, 1024, num_warps=2),
+    _SP(1, 1024, num_warps=4),
     _SP(1, 1024, num_warps=8),
     _SP(1, 4096, num_warps=8),
     _SP(hold=True),
