@@ -1,8 +1,9 @@
 """Routed (neuron-grouped) squared-ReLU FFN vs the dense FFN, fwd and fwd+bwd, bf16, one process.
 
-Run: ``PYTHONPATH=$PWD python3 benchmarks/routed_ffn.py --out $OUT/routed_ffn.json`` (GPU). ``--sweep`` also times
-every grouped GEMM of the E=8 shapes under several tile configurations (and JAX's shipped ``ragged_dot_mgpu`` on the
-up-projection) and writes them next to ``--out`` as ``*_sweep.json``.
+Run: ``PYTHONPATH=$PWD python3 benchmarks/routed_ffn.py --out $OUT/routed_ffn.json --token-order-at 8`` (GPU; both
+shapes, E in 2, 4, 8, 16: ~175 s on an H100, most of it compilation). ``--sweep`` also times every grouped GEMM of
+the E=8 shapes under TileConfig variants, the whole op under the winners and its non-GEMM pieces; ``--op-variants``
+times the whole op under named tuning variants after the benchmark; both write ``*_sweep.json`` next to ``--out``.
 
 Every routed time includes the whole op as a model calls it: token routing (``x @ centroids``, argmax), the counting
 sort and layout, the weight permutation (W1 columns / W2 rows into router order), the token gather and the scatter
