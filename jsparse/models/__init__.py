@@ -18,6 +18,7 @@ from jsparse.models.ffn import SquaredReLUFFN as SquaredReLUFFN
 from jsparse.models.ffn import SwiGLUFFN as SwiGLUFFN
 from jsparse.models.ffn import swiglu_matched_d_ff as swiglu_matched_d_ff
 from jsparse.models.phases import after_optimizer_step as after_optimizer_step
+from jsparse.models.phases import group_weights as group_weights
 from jsparse.models.phases import prepare_sparse_phase as prepare_sparse_phase
 from jsparse.models.phases import set_sparse as set_sparse
 from jsparse.models.presets import PRESETS as PRESETS

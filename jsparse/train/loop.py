@@ -108,6 +108,11 @@ def build_model_config(config: TrainConfig):
     raise ValueError(f"train config: bad model override: {e}") from None
 
 
+def _has_routed_ffn(model_config) -> bool:
+  return any(model_config.layer_ffn(i).kind == "sparse" and model_config.layer_ffn(i).activation_sparsity == "vnm"
+             for i in range(model_config.n_layers))
+
+
 def _has_sparse_ffn(model_config) -> bool:
   return any(model_config.layer_ffn(i).kind == "sparse" and model_config.layer_ffn(i).has_sparsity
              for i in range(model_config.n_layers))
@@ -226,7 +231,9 @@ def train_step(graphdef, state, tokens_BxLp1: jax.Array, lr_fn: optax.Schedule |
   if lr_fn is not None:
     metrics["lr"] = jnp.asarray(lr_fn(optimizer.step[...]), jnp.float32)
   optimizer.update(model, grads)
-  models.after_optimizer_step(model)  # router step counter / periodic re-clustering of routed FFNs
+  # Router step counter / periodic re-clustering of routed FFNs; with the optimizer, a re-clustering re-lays out the
+  # weights kept in router order together with their Adam moments.
+  models.after_optimizer_step(model, optimizer)
   return nnx.state((model, optimizer)), metrics
 
 
@@ -304,7 +311,8 @@ def set_mode(graphdef, state, mesh, *, sparse: bool, prepare_tokens: np.ndarray 
   model, optimizer = nnx.merge(graphdef, state)
   models.set_sparse(model, sparse)
   if prepare_tokens is not None:
-    models.prepare_sparse_phase(model, jnp.asarray(prepare_tokens[:, :-1]))
+    # With the optimizer, routed FFNs also store W1/W2 (and the moments) in router order: no per-step weight gathers.
+    models.prepare_sparse_phase(model, jnp.asarray(prepare_tokens[:, :-1]), optimizer)
   graphdef, state = nnx.split((model, optimizer))
   return graphdef, jax.device_put(state, sharding_lib.state_shardings(state, mesh))
 
@@ -368,6 +376,13 @@ def train(config: TrainConfig) -> TrainResult:
   start = 0
   if cfg.checkpoint.resume:
     graphdef, state, start = _restore(checkpointer, graphdef, state, phases, batches, mesh)
+    if start and _has_routed_ffn(run.model_config) and start > phases.sparse_start and phases.sparse:
+      # The checkpointed routed weights are in router order (the permutation stored is the identity); the static
+      # flag that says so lives in the graph definition, which a restore does not carry: set it again.
+      model, optimizer = nnx.merge(graphdef, state)
+      models.group_weights(model, optimizer)
+      graphdef, state = nnx.split((model, optimizer))
+      state = jax.device_put(state, sharding_lib.state_shardings(state, mesh))
     metrics_lib.truncate_metrics(run.run_dir, start)
   logger = metrics_lib.MetricsLogger(run.run_dir, total_steps=phases.steps, start_step=start,
                                      tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
