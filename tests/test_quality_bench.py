@@ -12,7 +12,8 @@ from jsparse.train import config as config_lib
 
 @pytest.mark.parametrize("name", list(quality.RUNS))
 def test_runs_are_valid_configs_and_commands_reproduce_them(name):
-  overrides = quality.overrides_for(name, "peps", 2000)
+  overrides = quality.overrides_for(name, "stdlib", 2000)
+  assert quality.overrides_for(name, "peps", 2000)["data.path"] == quality.SOURCES["peps"]
   cfg = config_lib.from_preset("tiny", dict(overrides, out_dir="runs/x"))
   model = loop.build_model_config(cfg)  # also checks the routed groups against d_ff
   assert (model.d_model, model.n_layers, model.d_ff, cfg.data.seq_len) == (512, 8, 2048, 512)

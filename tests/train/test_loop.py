@@ -21,9 +21,9 @@ def test_phases_switch_at_the_right_steps(tmp_path, monkeypatch):
     calls.append(("set_sparse", bool(sparse)))
     real_set(model, sparse)
 
-  def prepare(model, tokens_BxL):
+  def prepare(model, tokens_BxL, optimizer=None):
     calls.append(("prepare", np.asarray(tokens_BxL)))
-    real_prepare(model, tokens_BxL)
+    real_prepare(model, tokens_BxL, optimizer)
 
   monkeypatch.setattr(models, "set_sparse", set_sparse)
   monkeypatch.setattr(models, "prepare_sparse_phase", prepare)
