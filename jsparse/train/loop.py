@@ -108,11 +108,6 @@ def build_model_config(config: TrainConfig):
     raise ValueError(f"train config: bad model override: {e}") from None
 
 
-def _has_routed_ffn(model_config) -> bool:
-  return any(model_config.layer_ffn(i).kind == "sparse" and model_config.layer_ffn(i).activation_sparsity == "vnm"
-             for i in range(model_config.n_layers))
-
-
 def _has_sparse_ffn(model_config) -> bool:
   return any(model_config.layer_ffn(i).kind == "sparse" and model_config.layer_ffn(i).has_sparsity
              for i in range(model_config.n_layers))
@@ -302,14 +297,20 @@ def init_state(model_config, optim: config_lib.OptimizerConfig, steps: int, seed
   return graphdef, state
 
 
-def set_mode(graphdef, state, mesh, *, sparse: bool, prepare_tokens: np.ndarray | None = None):
+def set_mode(graphdef, state, mesh, *, sparse: bool, prepare_tokens: np.ndarray | None = None,
+             weights_grouped: bool = False):
   """Flips the FFNs' static sparse flag (and runs the sparse-phase setup when ``prepare_tokens`` is given).
+
+  ``weights_grouped``: the state's routed FFN weights are already in router order (restored from a checkpoint taken
+  after the setup); marks them so (:func:`jsparse.models.group_weights`, a no-op permutation then).
 
   Returns:
     the new ``(graphdef, state)``; the state keeps (or regains) the FSDP shardings.
   """
   model, optimizer = nnx.merge(graphdef, state)
   models.set_sparse(model, sparse)
+  if weights_grouped:
+    models.group_weights(model, optimizer)
   if prepare_tokens is not None:
     # With the optimizer, routed FFNs also store W1/W2 (and the moments) in router order: no per-step weight gathers.
     models.prepare_sparse_phase(model, jnp.asarray(prepare_tokens[:, :-1]), optimizer)
@@ -376,13 +377,6 @@ def train(config: TrainConfig) -> TrainResult:
   start = 0
   if cfg.checkpoint.resume:
     graphdef, state, start = _restore(checkpointer, graphdef, state, phases, batches, mesh)
-    if start and _has_routed_ffn(run.model_config) and start > phases.sparse_start and phases.sparse:
-      # The checkpointed routed weights are in router order (the permutation stored is the identity); the static
-      # flag that says so lives in the graph definition, which a restore does not carry: set it again.
-      model, optimizer = nnx.merge(graphdef, state)
-      models.group_weights(model, optimizer)
-      graphdef, state = nnx.split((model, optimizer))
-      state = jax.device_put(state, sharding_lib.state_shardings(state, mesh))
     metrics_lib.truncate_metrics(run.run_dir, start)
   logger = metrics_lib.MetricsLogger(run.run_dir, total_steps=phases.steps, start_step=start,
                                      tensorboard=cfg.log.tensorboard, progress=cfg.log.progress)
@@ -405,7 +399,11 @@ def train(config: TrainConfig) -> TrainResult:
       if first_of_phase:
         phase = phases.phase_at(step)
         prepare = batches.train_batch(step) if (phase == "sparse" and step == phases.sparse_start) else None
-        graphdef, state = set_mode(graphdef, state, mesh, sparse=phase == "sparse", prepare_tokens=prepare)
+        # A checkpoint from after the sparse phase's setup holds routed weights in router order; the static flag
+        # that says so lives in the graph definition, which a restore does not carry.
+        resumed_grouped = step == start and start > phases.sparse_start and phases.sparse > 0
+        graphdef, state = set_mode(graphdef, state, mesh, sparse=phase == "sparse", prepare_tokens=prepare,
+                                   weights_grouped=resumed_grouped)
         logger.write([{"step": step, "event": "phase", "phase": phase}])
       step_fn = steps_fns.train(graphdef, state, phase == "sparse")
       tokens = jax.device_put(batches.train_batch(step), batch_sharding)
