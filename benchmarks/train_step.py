@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from benchmarks import _util
+from jsparse.models.transformer import auto_attention
 from jsparse.train import config as config_lib
 from jsparse.train import loop, sharding
 
@@ -133,9 +134,9 @@ def _is_oom(e: BaseException) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def _attention() -> str:
-  """The attention the models' default picks here (``attention_implementation=None``)."""
-  return "cudnn" if jax.default_backend() == "gpu" else "xla"
+def _attention(args) -> str:
+  """The attention the preset's default (``attention_implementation=None``) tries first on this machine."""
+  return auto_attention(loop.build_model_config(config_lib.from_preset(args.preset)).compute_dtype)
 
 
 def skipped(config: dict, reason: str, base: float | None) -> dict:
@@ -170,7 +171,7 @@ def run_modes(args, records: list, table: list) -> None:
     base_ms = dense[remat]["dense_ms"]
     for mode in modes:
       config = dict(preset=args.preset, layers=layers, batch=batch, seq=args.seq, tokens_per_step=tokens, mode=mode,
-                    remat=remat, implementation=args.implementation or "default", attention=_attention())
+                    remat=remat, implementation=args.implementation or "default", attention=_attention(args))
       base_tps = tokens / base_ms * 1e3
       if _out_of_time(args):
         records.append(skipped(config, "time budget (--max-seconds) used up", base_tps))
@@ -259,7 +260,8 @@ def run_scaling(args, records: list, table: list) -> None:
   for label, (tps, ms, batch) in results.items():
     if label == "1 device":
       continue
-    config = dict(preset=args.preset, layers=layers, mode=mode, seq=args.seq, per_device_batch=per_device, attention=_attention(),
+    config = dict(preset=args.preset, layers=layers, mode=mode, seq=args.seq, per_device_batch=per_device,
+                  attention=_attention(args),
                   global_batch=batch, devices=n, mesh=label.split(" ", 2)[2])
     rec = _util.record("train_step_scaling", config=config, metric="tokens_per_s", baseline="1_device", ours=tps,
                        base=base_tps, step_ms=ms, base_step_ms=results["1 device"][1], efficiency=tps / base_tps / n)

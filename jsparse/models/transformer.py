@@ -59,9 +59,16 @@ def apply_rope(x_BxLxNxH: jax.Array, cos_LxK: jax.Array, sin_LxK: jax.Array) -> 
   return jnp.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1).astype(x_BxLxNxH.dtype)
 
 
+def auto_attention(dtype) -> str:
+  """What ``attention_implementation=None`` tries first: cuDNN's fused (flash) kernel on a GPU for 16-bit compute,
+  XLA otherwise."""
+  on_gpu = jax.default_backend() == "gpu"
+  return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+
+
 def _attention(q, k, v, implementation: str | None) -> jax.Array:
-  """Causal attention; ``None`` picks cuDNN's fused (flash) kernel on a GPU for 16-bit inputs, else XLA."""
-  if implementation is None and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+  """Causal attention; ``None`` = :func:`auto_attention`, falling back to XLA where cuDNN rejects the shape."""
+  if implementation is None and auto_attention(q.dtype) == "cudnn":
     # XLA's attention materialises the B x N x L x L scores; on the 1b shape that made attention, not the FFN,
     # the largest part of the step. cuDNN rejects some shapes at trace time: those stay on XLA.
     try:
