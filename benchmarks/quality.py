@@ -42,7 +42,9 @@ import time
 import traceback
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
 
 from benchmarks import _util
 
@@ -126,7 +128,6 @@ def run_one(name: str, source: str, steps: int, out_root: str, tiny: bool = Fals
     dens = {k.split("/")[0]: v for k, v in r.items() if k.endswith("/act_density")}
     if dens:
       density_curve.append((r["step"], r.get("phase"), [dens[k] for k in sorted(dens, key=lambda s: int(s[5:]))]))
-  tps = [r["tokens_per_s"] for r in records if isinstance(r.get("tokens_per_s"), (int, float))]
   sparse_tps = [r["tokens_per_s"] for r in records if r.get("phase") == "sparse" and "tokens_per_s" in r]
   model_config = loop.build_model_config(cfg)
   n_params = _param_count(result.model)
@@ -137,15 +138,14 @@ def run_one(name: str, source: str, steps: int, out_root: str, tiny: bool = Fals
               final_train_loss=float(np.mean(result.losses[-25:])),
               val_curve=sorted(val.items()), density_curve=density_curve,
               tokens_per_s=result.tokens_per_s, sparse_phase_tokens_per_s=float(np.median(sparse_tps)) if sparse_tps
-              else None, median_logged_tokens_per_s=float(np.median(tps)) if tps else None, wall_s=wall,
+              else None, wall_s=wall,
               params=n_params, d_model=model_config.d_model, n_layers=model_config.n_layers, d_ff=model_config.d_ff,
               ffn=RUNS[name]["ffn"], overrides={k: v for k, v in overrides.items() if k not in TRAIN},
               phases=phases, command=command_for(overrides, f"runs/quality/{source}-{name}"))
 
 
 def _param_count(model) -> int:
-  from flax import nnx
-  return int(sum(np.prod(x.shape) for x in __import__("jax").tree.leaves(nnx.state(model, nnx.Param))))
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
 def to_records(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -165,8 +165,6 @@ def to_records(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     shape=[s["d_model"], s["n_layers"], s["d_ff"]], overrides=s["overrides"])
       extra = {k: s[k] for k in ("val_loss_end_of_sparse", "final_train_loss", "val_curve", "density_curve",
                                  "tokens_per_s", "sparse_phase_tokens_per_s", "wall_s", "command", "phases")}
-      if s.get("device"):
-        extra["measured_on"] = s["device"]
       if base is not None:
         rec = _util.record("quality", config=config, metric="val_loss", baseline=BASELINE, ours=s["final_val_loss"],
                            base=base["final_val_loss"], **extra)

@@ -55,7 +55,7 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
   return np.concatenate([head, np.convolve(y, kernel, mode="valid")])
 
 
-def st_max(runs: Sequence[dict[str, Any]]) -> float:
+def _last_step(runs: Sequence[dict[str, Any]]) -> float:
   """The largest step any run logged."""
   return max((float(r[k][0].max()) for r in runs for k in ("train", "val") if len(r[k][0])), default=0.0)
 
@@ -94,7 +94,7 @@ def plot_runs(run_dirs: Sequence[str], out: str, *, smooth: int = 20, title: str
     if has_density and len(run["density"][0]):
       axes[1, 0].plot(*run["density"], color=color, lw=1.0, label=run["name"])
   # Zoom on the part that separates runs: the first 10% of steps (the initial drop) would flatten the rest.
-  cut = 0.1 * st_max(runs)
+  cut = 0.1 * _last_step(runs)
   tail = [float(v) for r in runs for k in ("train", "val") for st, v in zip(*r[k]) if st > cut]
   if tail:
     lo, hi = min(tail), max(tail)
