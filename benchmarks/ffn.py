@@ -27,6 +27,7 @@ baseline), ``metric="time"``, ``ratio = base / ours`` (> 1: faster than the base
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -38,6 +39,10 @@ from flax import nnx
 
 from benchmarks import _util
 from jsparse import models
+
+# Searched cuSPARSELt algorithms (benchmarks/sparse_matmul.py does the same); JSPARSE_CUSPARSELT_SEARCH=0 in the
+# environment measures the library default, what the models get unless it is set.
+os.environ.setdefault("JSPARSE_CUSPARSELT_SEARCH", "1")
 
 SHAPES = {"1b": (2048, 8192), "7b": (4096, 14336)}
 SPARSE_MODES = {
@@ -143,7 +148,8 @@ def main(argv=None) -> int:
       for name, ms in times.items():
         mode, impl = name.split("/")
         config = dict(shape=shape, tokens=T, d_model=D, d_ff=F, d_ff_swiglu=models.swiglu_matched_d_ff(F),
-                      dtype="bfloat16", mode=mode, implementation=impl, pass_=pass_)
+                      dtype="bfloat16", mode=mode, implementation=impl, pass_=pass_,
+                      cusparselt_search=os.environ["JSPARSE_CUSPARSELT_SEARCH"])
         row = dict(shape=shape, pass_=pass_, mode=mode, impl=impl, ms=ms, vs_sqrelu=base / ms, vs_swiglu=swiglu / ms)
         rows.append(row)
         if mode != "squared_relu":

@@ -6,6 +6,8 @@ FFI targets (platform ``CUDA``):
 * ``jsparse_cslt_compress`` -- the jsparse 2:4 compress kernel (optionally fused with squared-ReLU) writing
   cuSPARSELt's layout, checked bit for bit against ``cusparseLtSpMMACompress`` at first use per shape; or the
   library's own compress.
+* ``jsparse_cslt_compress_t`` -- the same for the transpose of its input (2:4 along the input's first axis, no
+  transposed copy), also copying out chosen rows unpruned (the 95/5 split's dense features).
 
 Exported C functions (``ctypes``): compressed sizes, plan-cache statistics, layout-check status, plan info.
 """
@@ -23,7 +25,8 @@ from jsparse.kernels import _common as common
 from jsparse.kernels.cusparselt import build
 from jsparse.kernels.cusparselt.build import CuSparseLtUnavailableError
 
-TARGETS = {"jsparse_cslt_matmul": "JsparseCsltMatmul", "jsparse_cslt_compress": "JsparseCsltCompress"}
+TARGETS = {"jsparse_cslt_matmul": "JsparseCsltMatmul", "jsparse_cslt_compress": "JsparseCsltCompress",
+           "jsparse_cslt_compress_t": "JsparseCsltCompressT"}
 DTYPE_CODES = {jnp.dtype(jnp.bfloat16): 0, jnp.dtype(jnp.float16): 1, jnp.dtype(jnp.float8_e4m3fn): 2}
 STATS_FIELDS = ("plans_built", "plan_hits", "plan_evictions", "searches", "layout_checks", "layout_mismatches",
                 "live_plans", "compress_jsparse", "compress_library", "matmuls", "async_allocs")

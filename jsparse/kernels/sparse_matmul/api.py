@@ -9,9 +9,11 @@
 * ``"xla"``        -- the pure-jnp reference (:mod:`jsparse.kernels.sparse_matmul.reference`).
 
 ``JSPARSE_CUSPARSELT_SEARCH=1`` (read at trace time) runs ``cusparseLtMatmulSearch`` on the first call of each GEMM
-shape and keeps the chosen algorithm in the cached plan. jsparse's benchmark runs with it on (the project's H100
+shape and keeps the chosen algorithm in the cached plan. jsparse's benchmarks run with it on (the project's H100
 notes found the searched algorithm faster than the default at every FFN shape); it is off by default because it
-blocks the first call of every new shape while it times each algorithm.
+blocks the first call of every new shape while it times each algorithm, and because on the H100 the search crashed
+the process (CUDA_ERROR_ILLEGAL_INSTRUCTION) on a small float16 weight-sparse product (128 x 256 x 192) in the test
+suite.
 """
 
 from __future__ import annotations
@@ -292,6 +294,71 @@ def sparse_matmul(a, b, *, sparse_operand: str = "a", implementation: str | None
   else:
     out = vjp.sparse_b_matmul(a_arr.reshape(rows, K), sparse, search=search)
   return out.reshape(*a_arr.shape[:-1], N)
+
+
+def sparse_tn_matmul(a, b, *, dense_rows=None, implementation: str | None = None) -> jax.Array:
+  """``a.T @ b`` with ``a`` pruned 2:4 along its *first* axis K (the contraction axis), on the sparse tensor cores.
+
+  The weight-gradient product of token-wise 2:4 sparsity: for ``a = h (T x F)`` and ``b = dout (T x D)`` it is
+  ``dW2 (F x D)`` with ``h`` 2:4 along tokens. On the cuSPARSELt path one kernel prunes and compresses ``a.T`` while
+  reading ``a`` (no transposed copy in memory). Rows of the result listed in ``dense_rows`` are computed from the
+  unpruned ``a`` instead (a dense GEMM over those columns of ``a``, written over the sparse result): the activation
+  recipe's 95/5 split. Numerics as :func:`sparse_matmul`'s (nm_prune's rule, float32 accumulation, one rounding).
+
+  Not differentiable on the cuSPARSELt path (it is the product of a backward pass); the XLA path is plain ``jnp``.
+
+  Args:
+    a: ``(K, M)``.
+    b: ``(K, N)``, same dtype.
+    dense_rows: optional int vector of distinct row indices into the ``(M, N)`` result (static length).
+    implementation: ``None``, ``"cusparselt"`` or ``"xla"`` (see the module docstring).
+
+  Returns:
+    ``(M, N)`` in the operands' dtype.
+
+  Raises:
+    ValueError: ranks, shapes or dtypes that do not match, K not a multiple of 4; ``"cusparselt"`` with K or M not
+      multiples of 64, N not a multiple of 16, or a dtype other than bfloat16/float16.
+    jsparse.kernels.cusparselt.CuSparseLtUnavailableError: ``"cusparselt"`` without a CUDA GPU, nvcc or cuSPARSELt.
+  """
+  op = "sparse_tn_matmul"
+  _check_operand(op, "a", a)
+  _check_operand(op, "b", b)
+  common.check_rank(op, "a", a, 2, 2)
+  common.check_rank(op, "b", b, 2, 2)
+  if jnp.result_type(a) != jnp.result_type(b):
+    raise ValueError(f"{op}: a and b must have the same dtype, got {jnp.result_type(a)} and {jnp.result_type(b)}")
+  K, M = a.shape
+  if b.shape[0] != K:
+    raise ValueError(f"{op}: a's first axis (K={K}) must match b's first axis, got a{tuple(a.shape)} and "
+                     f"b{tuple(b.shape)}")
+  common.check_multiple(op, "K", K, 4, "the 2:4 group size")
+  N = b.shape[1]
+  if dense_rows is not None:
+    dense_rows = jnp.asarray(dense_rows)
+    if dense_rows.ndim != 1 or not jnp.issubdtype(dense_rows.dtype, jnp.integer):
+      raise ValueError(f"{op}: dense_rows must be a 1-D integer array, got {dense_rows.dtype}{dense_rows.shape}")
+    if dense_rows.shape[0] == 0:
+      dense_rows = None
+  ok, why = _cusparselt_supports(op, a.dtype, (M, K), N)
+  impl = resolve_implementation(op, implementation, supported=ok, why_not=why)
+  if impl == "xla":
+    pruned_KxM = ref.prune_24(a, 0)
+    if dense_rows is not None:
+      dense_M = jnp.zeros((M,), bool).at[dense_rows].set(True)
+      pruned_KxM = jnp.where(dense_M[None, :], a, pruned_KxM)
+    return ref.matmul(pruned_KxM.T, b)
+  from jsparse.kernels.cusparselt import ops
+
+  n_dense = 0 if dense_rows is None else dense_rows.shape[0]
+  slot_M = jnp.full((M,), -1, jnp.int32)
+  if n_dense:
+    slot_M = slot_M.at[dense_rows].set(jnp.arange(n_dense, dtype=jnp.int32), unique_indices=True)
+  packed, dense_SxK = ops.compress_t(a, slot_M, n_dense)
+  out_MxN = ops.matmul(packed, b, m=M, k=K, mode=0, search=search_mode())
+  if n_dense:
+    out_MxN = out_MxN.at[dense_rows].set(ref.matmul(dense_SxK, b), unique_indices=True)
+  return out_MxN
 
 
 def _xla_matmul(a, b, sparse_operand: str) -> jax.Array:

@@ -235,6 +235,90 @@ ffi::Error CompressImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
   return to_ffi(compress(stream, scratch, x, packed, activation, method), "compress");
 }
 
+// The compressed form of A = x^T (x: cols x rows, row-major), 2:4 along x's first axis, plus the unpruned rows of A
+// named by slot (slot[r] >= 0: row r goes to dense_rows[slot[r]]). The layout is checked against the library once
+// per shape exactly as in compress (the transposed kernel writes it through the same code); on a mismatch the kernel
+// writes the pruned A densely and the library compresses that.
+template <bool DENSE_OUT>
+Status launch_sparsify_t(int dtype, const void* x, void* packed, void* dense_out, const int32_t* slot,
+                         void* dense_rows, int64_t rows, int64_t cols, cudaStream_t stream) {
+  const dim3 grid(unsigned(cols / 64), unsigned(rows / 64));
+  uint16_t* values = static_cast<uint16_t*>(packed);
+  uint8_t* meta = packed ? static_cast<uint8_t*>(packed) + rows * cols : nullptr;
+  if (dtype == kBF16) {
+    sparsify24_t_kernel<__nv_bfloat16, DENSE_OUT><<<grid, 256, 0, stream>>>(
+        static_cast<const uint16_t*>(x), values, meta, static_cast<uint16_t*>(dense_out), slot,
+        static_cast<uint16_t*>(dense_rows), rows, cols);
+  } else {
+    sparsify24_t_kernel<__half, DENSE_OUT><<<grid, 256, 0, stream>>>(
+        static_cast<const uint16_t*>(x), values, meta, static_cast<uint16_t*>(dense_out), slot,
+        static_cast<uint16_t*>(dense_rows), rows, cols);
+  }
+  JSPARSE_CUDA(cudaGetLastError());
+  return {};
+}
+
+Status compress_t(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer x, ffi::AnyBuffer slot,
+                  ffi::Result<ffi::AnyBuffer> packed, ffi::Result<ffi::AnyBuffer> dense_rows) {
+  const int dtype = dtype_code(x.element_type());
+  auto dims = x.dimensions();
+  if (dims.size() != 2) return "x must be 2-D (cols, rows): the transpose of the sparse operand";
+  const int64_t cols = dims[0], rows = dims[1];
+  if (dtype != kBF16 && dtype != kF16) return "x must be bfloat16 or float16";
+  if (rows % 64 || cols % 64) return "both axes of x must be multiples of 64";
+  if (slot.element_type() != ffi::DataType::S32 || slot.element_count() != size_t(rows)) {
+    return "slot must be int32 with one entry per row of the sparse operand (x's second axis)";
+  }
+  auto rd = dense_rows->dimensions();
+  if (dense_rows->element_type() != x.element_type() || rd.size() != 2 || rd[1] != cols) {
+    return "dense_rows must be (n, cols) in x's dtype";
+  }
+  if (packed->element_type() != ffi::DataType::U8) return "the compressed buffer must be uint8";
+  if (!aligned16(x.untyped_data()) || !aligned16(packed->untyped_data()) ||
+      !aligned16(dense_rows->untyped_data())) {
+    return "buffers must be 16-byte aligned";
+  }
+  int device = 0;
+  JSPARSE_RETURN_IF_ERROR(current_device(&device));
+  std::shared_ptr<CompressEntry> entry;
+  int layout = -1;
+  {
+    std::lock_guard<std::mutex> lock(global_mutex());
+    JSPARSE_RETURN_IF_ERROR(get_compress_entry_locked({device, rows, cols, dtype}, &entry));
+    if (packed->size_bytes() != entry->size) {
+      return "the compressed buffer has " + std::to_string(packed->size_bytes()) + " bytes, cuSPARSELt needs " +
+             std::to_string(entry->size);
+    }
+    if (entry->layout < 0) {
+      bool ok = false;
+      JSPARSE_RETURN_IF_ERROR(check_layout(*entry, dtype, rows, cols, stream, scratch, &ok));
+      entry->layout = ok ? 1 : 0;
+    }
+    layout = entry->layout;
+  }
+  const int32_t* slot_p = static_cast<const int32_t*>(slot.untyped_data());
+  if (layout == 1) {
+    stats().compress_jsparse++;
+    return launch_sparsify_t<false>(dtype, x.untyped_data(), packed->untyped_data(), nullptr, slot_p,
+                                    dense_rows->untyped_data(), rows, cols, stream);
+  }
+  stats().compress_library++;
+  TempBuffer pruned(scratch, size_t(rows) * size_t(cols) * 2, stream);
+  if (!pruned) return "could not allocate memory for the pruned copy";
+  JSPARSE_RETURN_IF_ERROR(launch_sparsify_t<true>(dtype, x.untyped_data(), nullptr, pruned.get(), slot_p,
+                                                  dense_rows->untyped_data(), rows, cols, stream));
+  TempBuffer tmp(scratch, entry->tmp_size, stream);
+  if (!tmp) return "could not allocate cuSPARSELt's compress buffer";
+  JSPARSE_CSLT(cusparseLtSpMMACompress2(entry->handle, &entry->desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, pruned.get(),
+                                        packed->untyped_data(), tmp.get(), stream));
+  return {};
+}
+
+ffi::Error CompressTImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x, ffi::AnyBuffer slot,
+                         ffi::Result<ffi::AnyBuffer> packed, ffi::Result<ffi::AnyBuffer> dense_rows) {
+  return to_ffi(compress_t(stream, scratch, x, slot, packed, dense_rows), "compress_t");
+}
+
 // ---------------------------------------------------------------------------------------------------------------------
 // Matmul
 
@@ -318,6 +402,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseCsltCompress, jsparse::CompressImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("activation")
                                   .Attr<int32_t>("method"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseCsltCompressT, jsparse::CompressTImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseCsltMatmul, jsparse::MatmulImpl,
                               ffi::Ffi::Bind()

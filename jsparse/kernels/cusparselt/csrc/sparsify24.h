@@ -99,28 +99,16 @@ __device__ __forceinline__ void unpack8(const uint4& v, uint16_t (&x)[8]) {
   }
 }
 
-// Requires rows % 16 == 0 and cols % 32 == 0 (the handler enforces rows % 64 and cols % 64), so every warp is full.
+// Selects and writes one thread's share of the output: rows r0 and r0 + 8 (r0 % 16 == rr < 8) of the sparse-A matrix,
+// columns c8 * 8 .. c8 * 8 + 7 (raw inputs a = row r0, b = row r0 + 8). Needs the whole warp (the metadata shuffle)
+// with lane ^ 2 holding the same rows and column chunk c8 ^ 2.
 // DENSE_OUT: write the pruned (and activated) dense matrix instead of the compressed one (the library-compress
 // fallback's first step).
 template <typename T, int ACT, bool DENSE_OUT>
-__global__ void __launch_bounds__(256) sparsify24_kernel(const uint16_t* __restrict__ x, uint16_t* __restrict__ values,
-                                                         uint8_t* __restrict__ meta, uint16_t* __restrict__ dense_out,
-                                                         int64_t rows, int64_t cols) {
-  const int64_t chunks = cols >> 3;
-  const int64_t total = (rows >> 1) * chunks;
-  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= total) return;  // total % 32 == 0: whole warps leave together, so the shuffle below stays full
-  const int64_t c8 = t % chunks;
-  const int64_t pair = t / chunks;
-  const int rr = int(pair & 7);
-  const int64_t r0 = (pair >> 3) * 16 + rr;
+__device__ __forceinline__ void emit_pair(const uint16_t (&a)[8], const uint16_t (&b)[8], int64_t r0, int rr, int64_t c8,
+                                          int64_t cols, uint16_t* __restrict__ values, uint8_t* __restrict__ meta,
+                                          uint16_t* __restrict__ dense_out) {
   const int64_t r1 = r0 + 8;
-
-  const uint4 v0 = __ldcs(reinterpret_cast<const uint4*>(x + r0 * cols + c8 * 8));
-  const uint4 v1 = __ldcs(reinterpret_cast<const uint4*>(x + r1 * cols + c8 * 8));
-  uint16_t a[8], b[8];
-  unpack8(v0, a);
-  unpack8(v1, b);
   uint16_t oa[4], ob[4];
   const uint32_t na0 = select_group<T, ACT>(a[0], a[1], a[2], a[3], oa[0], oa[1]);
   const uint32_t na1 = select_group<T, ACT>(a[4], a[5], a[6], a[7], oa[2], oa[3]);
@@ -168,6 +156,94 @@ __global__ void __launch_bounds__(256) sparsify24_kernel(const uint16_t* __restr
     const int64_t offset = (r0 >> 6) * 8 * cols + (c8 >> 2) * 256 + ((r0 & 63) >> 4) * 64 + rr * 8 + q * 4;
     __stcs(reinterpret_cast<unsigned int*>(meta + offset), word);
   }
+}
+
+// Requires rows % 16 == 0 and cols % 32 == 0 (the handler enforces rows % 64 and cols % 64), so every warp is full.
+template <typename T, int ACT, bool DENSE_OUT>
+__global__ void __launch_bounds__(256) sparsify24_kernel(const uint16_t* __restrict__ x, uint16_t* __restrict__ values,
+                                                         uint8_t* __restrict__ meta, uint16_t* __restrict__ dense_out,
+                                                         int64_t rows, int64_t cols) {
+  const int64_t chunks = cols >> 3;
+  const int64_t total = (rows >> 1) * chunks;
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= total) return;  // total % 32 == 0: whole warps leave together, so the shuffle below stays full
+  const int64_t c8 = t % chunks;
+  const int64_t pair = t / chunks;
+  const int rr = int(pair & 7);
+  const int64_t r0 = (pair >> 3) * 16 + rr;
+  const int64_t r1 = r0 + 8;
+
+  const uint4 v0 = __ldcs(reinterpret_cast<const uint4*>(x + r0 * cols + c8 * 8));
+  const uint4 v1 = __ldcs(reinterpret_cast<const uint4*>(x + r1 * cols + c8 * 8));
+  uint16_t a[8], b[8];
+  unpack8(v0, a);
+  unpack8(v1, b);
+  emit_pair<T, ACT, DENSE_OUT>(a, b, r0, rr, c8, cols, values, meta, dense_out);
+}
+
+// The same output for the sparse-A matrix A = x^T (rows x cols) read from x (cols x rows, row-major): the 2:4 groups
+// run along x's *first* axis (e.g. tokens of a T x F activation, for a weight gradient x^T g), with no transposed
+// copy in memory. One block per 64 x 64 tile of A: coalesced 16-byte loads of x's tile into shared memory, transposed
+// there, then each thread takes its two rows x 8 columns as in sparsify24_kernel (8 column chunks x 4 row pairs per
+// warp, so lane ^ 2 holds chunk c8 ^ 2 of the same rows).
+// The tile's row stride of 66 elements keeps the transposing stores at most 2-way bank-conflicted and the row reads
+// conflict-free. Rows r with slot[r] >= 0 are also copied unpruned to dense_rows[slot[r]] (cols elements): the 95/5
+// split's dense features, whose weight-gradient rows are recomputed densely.
+// Requires rows % 64 == 0 and cols % 64 == 0; grid (cols / 64, rows / 64), 256 threads.
+template <typename T, bool DENSE_OUT>
+__global__ void __launch_bounds__(256) sparsify24_t_kernel(const uint16_t* __restrict__ x, uint16_t* __restrict__ values,
+                                                           uint8_t* __restrict__ meta, uint16_t* __restrict__ dense_out,
+                                                           const int32_t* __restrict__ slot,
+                                                           uint16_t* __restrict__ dense_rows, int64_t rows,
+                                                           int64_t cols) {
+  constexpr int kStride = 66;
+  __shared__ __align__(16) uint16_t tile[64 * kStride];  // tile[r * kStride + c] = A[R0 + r][C0 + c]
+  const int l = int(threadIdx.x);
+  const int64_t C0 = int64_t(blockIdx.x) * 64;
+  const int64_t R0 = int64_t(blockIdx.y) * 64;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int cl = (l >> 3) + 32 * h;  // x's row = A's column
+    const int rc = (l & 7) * 8;        // 8 of x's columns = A's rows
+    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(x + (C0 + cl) * rows + R0 + rc));
+    uint16_t e[8];
+    unpack8(v, e);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) tile[(rc + k) * kStride + cl] = e[k];
+  }
+  __syncthreads();
+
+  const int c8l = l & 7;
+  const int pair = l >> 3;
+  const int rr = pair & 7;
+  const int r0l = (pair >> 3) * 16 + rr;
+  uint16_t a[8], b[8];
+  const uint32_t* pa = reinterpret_cast<const uint32_t*>(tile + r0l * kStride + c8l * 8);
+  const uint32_t* pb = reinterpret_cast<const uint32_t*>(tile + (r0l + 8) * kStride + c8l * 8);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t wa = pa[i], wb = pb[i];
+    a[2 * i] = uint16_t(wa & 0xffffu);
+    a[2 * i + 1] = uint16_t(wa >> 16);
+    b[2 * i] = uint16_t(wb & 0xffffu);
+    b[2 * i + 1] = uint16_t(wb >> 16);
+  }
+  const int64_t r0 = R0 + r0l;
+  const int64_t c8 = (C0 >> 3) + c8l;
+  const int s0 = slot[r0], s1 = slot[r0 + 8];
+  if (s0 >= 0) {
+    uint4 w;
+    w.x = a[0] | (uint32_t(a[1]) << 16); w.y = a[2] | (uint32_t(a[3]) << 16);
+    w.z = a[4] | (uint32_t(a[5]) << 16); w.w = a[6] | (uint32_t(a[7]) << 16);
+    *reinterpret_cast<uint4*>(dense_rows + int64_t(s0) * cols + c8 * 8) = w;
+  }
+  if (s1 >= 0) {
+    uint4 w;
+    w.x = b[0] | (uint32_t(b[1]) << 16); w.y = b[2] | (uint32_t(b[3]) << 16);
+    w.z = b[4] | (uint32_t(b[5]) << 16); w.w = b[6] | (uint32_t(b[7]) << 16);
+    *reinterpret_cast<uint4*>(dense_rows + int64_t(s1) * cols + c8 * 8) = w;
+  }
+  emit_pair<T, kActNone, DENSE_OUT>(a, b, r0, rr, c8, cols, values, meta, dense_out);
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
