@@ -55,6 +55,7 @@ class RecipeSpec:
   storage: str = "dense"  # the residual relu(y1): "dense", "24" or "bitmask" (see FFNConfig.residual_storage)
   capacity: float = 0.25  # bitmask values buffer, fraction of T x F
   split_strategy: str = "auto"  # "auto", "masked" (one GEMM on a pruned copy) or "overwrite" (see split_weight_grad)
+  fused_activation: bool | None = None  # None: on the cuSPARSELt path (see _fused_activation); True/False: forced
 
   @classmethod
   def from_config(cls, config: FFNConfig, **changes) -> "RecipeSpec":
@@ -187,6 +188,43 @@ def _second_gemm(spec: RecipeSpec, h_TxF, w2_FxD):
   return _ops.matmul(h_TxF, w2_FxD, sparse_operand=operand, implementation=spec.gemm_impl)
 
 
+def _fused_activation(spec: RecipeSpec) -> bool:
+  """Whether the forward runs the squared ReLU, its 2:4 selection and the compression as one kernel on ``y1``.
+
+  On the cuSPARSELt path the second GEMM only needs ``h`` compressed, so :func:`jsparse.squared_relu_24_compress`
+  writes it straight from ``y1`` (one T x F read, half a T x F write) and the forward writes no dense ``h``, mask or
+  ``r``. The residual is then ``y1`` itself (already in memory as the first GEMM's output) and the backward recomputes
+  the mask from it inside the ``dy1`` fusion. Only with the reused mask and dense residual storage (the recipe's
+  default); the other storages keep the separate kernels. ``spec.fused_activation`` forces it on or off (where it
+  applies; the XLA path computes the same numbers, which is what the CPU tests check).
+  """
+  applies = spec.activation_24 and spec.reuse_mask_in_backward and spec.storage == "dense"
+  if spec.fused_activation is not None:
+    return applies and spec.fused_activation
+  return applies and spec.gemm_impl == "cusparselt"
+
+
+def _mask24_by_relu(y1_TxF: jax.Array) -> jax.Array:
+  """The 2:4 mask of :func:`jsparse.squared_relu_nm` (the two largest relu(y1) of each 4, NaN as +inf, ties to the
+  lower index) as six comparisons per group -- element-wise, so XLA fuses it into its consumers. (The reference's
+  rank-by-reduction form became a 7.5 ms reduction kernel of its own at the 1b shape on the H100.)"""
+  *lead, F = y1_TxF.shape
+  key = jnp.where(jnp.isnan(y1_TxF), jnp.inf, jnp.maximum(y1_TxF.astype(jnp.float32), 0.0))
+  key = key.reshape(*lead, F // 4, 4)
+  k0, k1, k2, k3 = (key[..., i] for i in range(4))
+  c01, c02, c03 = (k1 > k0).astype(jnp.int32), (k2 > k0).astype(jnp.int32), (k3 > k0).astype(jnp.int32)
+  c12, c13, c23 = (k2 > k1).astype(jnp.int32), (k3 > k1).astype(jnp.int32), (k3 > k2).astype(jnp.int32)
+  # rank = how many of the other three beat it (j beats i: key_j > key_i, or equal with j < i)
+  ranks = (c01 + c02 + c03, 1 - c01 + c12 + c13, 2 - c02 - c12 + c23, 3 - c03 - c13 - c23)
+  return jnp.stack([r < 2 for r in ranks], axis=-1).reshape(y1_TxF.shape)
+
+
+def _masked_relu_from_y1(y1_TxF: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(relu(y1) in float32 with the 2:4 mask applied, mask): the fused path's residual, recomputed in the backward."""
+  mask_TxF = _mask24_by_relu(y1_TxF)
+  return jnp.where(mask_TxF, _relu_f32(y1_TxF), 0.0), mask_TxF
+
+
 def _stats(spec: RecipeSpec, y1_TxF, mask_TxF, n_dense: int) -> dict[str, jax.Array]:
   if not spec.stats:
     return {}
@@ -212,14 +250,34 @@ def _recipe(spec: RecipeSpec, x_TxD, w1_DxF, w2_FxD, perm_T):
   # Primal (no gradient requested): the token shuffle changes nothing in the forward values, so it is skipped; the
   # residual is not stored, so a bitmask that would overflow does not drop anything either.
   del perm_T
+  if _fused_activation(spec):
+    y1_TxF, out_TxD = _fused_forward(spec, x_TxD, w1_DxF, w2_FxD)
+    mask_TxF = _masked_relu_from_y1(y1_TxF)[1] if spec.stats else None
+    return out_TxD, _stats(spec, y1_TxF, mask_TxF, _n_dense(spec, w1_DxF.shape[1]))
   y1_TxF, h_TxF, mask_TxF = _first_gemm(spec, x_TxD, w1_DxF)
   out_TxD = _second_gemm(spec, h_TxF, w2_FxD)
   return out_TxD, _stats(spec, y1_TxF, mask_TxF, _n_dense(spec, w1_DxF.shape[1]))
 
 
+def _fused_forward(spec: RecipeSpec, x_TxD, w1_DxF, w2_FxD):
+  """(y1, out) on the fused path (:func:`_fused_activation`)."""
+  y1_TxF = checkpoint_name(
+      _ops.matmul(x_TxD, w1_DxF, sparse_operand="b" if spec.sparse_w1 else None, implementation=spec.gemm_impl),
+      _ops.FFN_HIDDEN)
+  h24 = jsparse.squared_relu_24_compress(y1_TxF, implementation=spec.gemm_impl)
+  return y1_TxF, jsparse.sparse_matmul(h24, w2_FxD, sparse_operand="a", implementation=spec.gemm_impl)
+
+
 def _recipe_fwd(spec: RecipeSpec, x_TxD, w1_DxF, w2_FxD, perm_T):
   dtype = x_TxD.dtype
   xp_TxD = x_TxD if perm_T is None else permute_tokens(x_TxD, perm_T)
+  if _fused_activation(spec):
+    y1_TxF, outp_TxD = _fused_forward(spec, xp_TxD, w1_DxF, w2_FxD)
+    mask_TxF = _masked_relu_from_y1(y1_TxF)[1] if spec.stats else None
+    stats = _stats(spec, y1_TxF, mask_TxF, _n_dense(spec, w1_DxF.shape[1]))
+    out_TxD = outp_TxD if perm_T is None else unpermute_tokens(outp_TxD, perm_T)
+    stored = jsparse.store_activation(y1_TxF, kind="dense")  # the residual is y1 (tagged as the FFN's activation)
+    return (out_TxD, stats), (xp_TxD, w1_DxF, w2_FxD, stored, None, None, perm_T)
   y1_TxF, h_TxF, mask_TxF = _first_gemm(spec, xp_TxD, w1_DxF)
   stats = _stats(spec, y1_TxF, mask_TxF, _n_dense(spec, w1_DxF.shape[1]))
 
@@ -262,8 +320,12 @@ def _recipe_bwd(spec: RecipeSpec, residuals, cotangents):
   F = w1_DxF.shape[1]
   doutp_TxD = (dout_TxD if perm_T is None else permute_tokens(dout_TxD, perm_T)).astype(dtype)
 
-  r_TxF = jsparse.load_activation(stored, implementation=spec.op_impl)
-  r32_TxF = r_TxF.astype(jnp.promote_types(dtype, jnp.float32))
+  if _fused_activation(spec):
+    r32_TxF, _ = _masked_relu_from_y1(jsparse.load_activation(stored))
+    density_F = jnp.mean((r32_TxF > 0).astype(jnp.float32), axis=0)
+  else:
+    r32_TxF = jsparse.load_activation(stored, implementation=spec.op_impl).astype(
+        jnp.promote_types(dtype, jnp.float32))
   h32_TxF = r32_TxF * r32_TxF
   if keep_mask is not None:
     h32_TxF = jnp.where(keep_mask, h32_TxF, 0.0)

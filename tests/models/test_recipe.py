@@ -204,6 +204,42 @@ def test_backward_is_the_reference_recipe(reuse, permute, activation_24, dense_f
     np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=2e-5, atol=2e-5, err_msg=name)
 
 
+def test_elementwise_24_mask_is_squared_relu_nms():
+  # Ties (zeros, repeated values, -0.0), NaN and infinities included.
+  y = np.array(jax.random.normal(jax.random.key(13), (64, 64)), np.float32)
+  y[::3, ::5] = 0.0
+  y[1::4, 2::7] = y[1::4, 3::7]
+  y[5, :8] = [np.nan, 1.0, np.nan, 2.0, -np.inf, np.inf, -0.0, 0.0]
+  y[6, :4] = np.inf
+  for dtype in (jnp.float32, jnp.bfloat16):
+    yd = jnp.asarray(y).astype(dtype)
+    _, want = jsparse.squared_relu_nm(yd, 2, 4, return_mask=True, implementation="xla")
+    np.testing.assert_array_equal(recipe._mask24_by_relu(yd), want)
+
+
+@pytest.mark.parametrize("permute", [True, False])
+@pytest.mark.parametrize("stats", [True, False])
+def test_fused_activation_path_is_the_reference_recipe(permute, stats):
+  # The cuSPARSELt path's forward (squared ReLU + 2:4 + compression in one op, y1 as the residual, the mask
+  # recomputed in the backward), forced on the XLA path: same forward, same statistics, same gradients.
+  x, w1, w2, g = _inputs(seed=11)
+  perm = jax.random.permutation(jax.random.key(12), T) if permute else None
+  fused, plain = _spec(fused_activation=True, stats=stats), _spec(stats=stats)
+  assert recipe._fused_activation(fused) and not recipe._fused_activation(plain)
+  assert not recipe._fused_activation(_spec(fused_activation=True, reuse_mask_in_backward=False))
+  got = _vjp(fused, x, w1, w2, g, perm)
+  want = _np_recipe(x, w1, w2, g, perm=perm, activation_24=True, reuse=True,
+                    n_dense=recipe.n_dense_features(F, 0.25, 4))
+  for name, a, b in zip(("out", "dx", "dw1", "dw2"), got, want):
+    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=2e-5, atol=2e-5, err_msg=name)
+  out_f, stats_f = recipe.sparse_ffn(x, w1, w2, fused)
+  out_p, stats_p = recipe.sparse_ffn(x, w1, w2, plain)
+  assert_close(out_f, out_p)
+  assert stats_f.keys() == stats_p.keys()
+  for k in stats_p:
+    assert_close(stats_f[k], stats_p[k])
+
+
 @pytest.mark.parametrize("storage", ["24", "bitmask"])
 def test_packed_residuals_give_the_same_gradients(storage):
   x, w1, w2, g = _inputs(seed=9)
