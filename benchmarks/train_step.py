@@ -25,6 +25,7 @@ e.g. on a 2-GPU machine).
 from __future__ import annotations
 
 import argparse
+import os
 import gc
 import statistics
 import sys
@@ -171,7 +172,8 @@ def run_modes(args, records: list, table: list) -> None:
     base_ms = dense[remat]["dense_ms"]
     for mode in modes:
       config = dict(preset=args.preset, layers=layers, batch=batch, seq=args.seq, tokens_per_step=tokens, mode=mode,
-                    remat=remat, implementation=args.implementation or "default", attention=_attention(args))
+                    remat=remat, implementation=args.implementation or "default", attention=_attention(args),
+                    cusparselt_search=os.environ.get("JSPARSE_CUSPARSELT_SEARCH", "0"))
       base_tps = tokens / base_ms * 1e3
       if _out_of_time(args):
         records.append(skipped(config, "time budget (--max-seconds) used up", base_tps))
