@@ -21,6 +21,7 @@ from jsparse.models.phases import after_optimizer_step as after_optimizer_step
 from jsparse.models.phases import group_weights as group_weights
 from jsparse.models.phases import prepare_sparse_phase as prepare_sparse_phase
 from jsparse.models.phases import set_sparse as set_sparse
+from jsparse.models.phases import set_stats as set_stats
 from jsparse.models.presets import PRESETS as PRESETS
 from jsparse.models.presets import preset as preset
 from jsparse.models.recipe import RecipeSpec as RecipeSpec

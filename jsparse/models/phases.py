@@ -25,6 +25,18 @@ def set_sparse(model: nnx.Module, sparse: bool) -> None:
     ffn.sparse = bool(sparse)
 
 
+def set_stats(model: nnx.Module, collect: bool) -> None:
+  """Turns the per-layer statistics of every :class:`SparseFFN` of ``model`` on or off (where its config has them).
+
+  The statistics cost HBM passes over the T x F activations every step (at the 1b shape on the H100, about 0.5 ms
+  per layer for the 2:4 activation FFN in its dense mode); a training loop that only logs them every N steps turns
+  them off in between (``jsparse.train`` compiles both variants). Static, like :func:`set_sparse`: call outside
+  ``jit`` and re-split.
+  """
+  for ffn in sparse_ffns(model):
+    ffn.collect_stats = bool(collect)
+
+
 def prepare_sparse_phase(model: nnx.Module, tokens_BxL: jax.Array | None = None,
                          optimizer: nnx.Optimizer | None = None) -> None:
   """Call once when the sparse phase starts: fixes each S-STE scale beta from the current weights.

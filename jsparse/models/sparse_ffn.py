@@ -103,6 +103,7 @@ class SparseFFN(nnx.Module):
     self.beta1 = SparsityState(sste_beta(self.w1[...], 0, op_impl)) if config.sparse_w1 else None
     self.beta2 = SparsityState(sste_beta(self.w2[...], 0, op_impl)) if config.sparse_w2 else None
     self.weights_grouped = False  # static: w1/w2 stored in router order (see group_weights)
+    self.collect_stats = True  # static: sow the statistics (when config.stats); see models.set_stats
     if self._routed:
       self._set_router(jsparse.router_init(self.w1[...], config.router_config(), jax.random.key(config.router_seed)))
     if self._permutes and config.permutation == "random":
@@ -244,8 +245,10 @@ class SparseFFN(nnx.Module):
     return w1.astype(dtype), w2.astype(dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """``(..., D) -> (..., D)`` in the compute dtype; sows the statistics when ``config.stats``."""
+    """``(..., D) -> (..., D)`` in the compute dtype; sows the statistics when ``config.stats`` and
+    ``collect_stats`` (:func:`jsparse.models.set_stats`)."""
     cfg = self.config
+    want_stats = cfg.stats and self.collect_stats
     x_TxD, shape = flatten_tokens(x, self.d_model, "SparseFFN")
     dtype = self.dtype or x.dtype
     x_TxD = x_TxD.astype(dtype)
@@ -253,7 +256,7 @@ class SparseFFN(nnx.Module):
     if self.sparse and self._routed:
       out_TxD, stats = self._routed_forward(x_TxD, w1_DxF, w2_FxD)
     elif self.sparse and cfg.has_sparsity:
-      spec = recipe_lib.RecipeSpec.from_config(cfg)
+      spec = recipe_lib.RecipeSpec.from_config(cfg, stats=want_stats)
       perm_T = self._permutation(x_TxD.shape[0]) if self._permutes else None
       core = _ops.checkpoint(functools.partial(recipe_lib.sparse_ffn, spec=spec), cfg.remat)
       out_TxD, stats = core(x_TxD, w1_DxF, w2_FxD, perm_T=perm_T)
@@ -261,7 +264,7 @@ class SparseFFN(nnx.Module):
       # Exactly SquaredReLUFFN's computation; the statistics are a separate, undifferentiated reduction.
       out_TxD = dense_squared_relu(x_TxD, w1_DxF, w2_FxD, remat=cfg.remat, capacity=cfg.remat_capacity)
       stats = _dense_stats(x_TxD, w1_DxF, activation_24=cfg.activation_24,
-                           op_impl=_ops.op_implementation(cfg.implementation)) if cfg.stats else {}
+                           op_impl=_ops.op_implementation(cfg.implementation)) if want_stats else {}
     for name, value in stats.items():
       stats_lib.sow(self, name, value)
     return out_TxD.reshape(shape)
@@ -279,7 +282,7 @@ class SparseFFN(nnx.Module):
 
     out_TxD = _ops.checkpoint(core, cfg.remat)(x_TxD, w1_DxF, w2_FxD)
     stats = {}
-    if cfg.stats:
+    if cfg.stats and self.collect_stats:
       # Diagnostics at the cost of one extra (undifferentiated) dense x @ W1: what the routing drops.
       x_sg, w1_sg = jax.lax.stop_gradient(x_TxD), jax.lax.stop_gradient(w1_DxF)
       r_TxF = jnp.maximum((x_sg @ w1_sg).astype(jnp.float32), 0.0)

@@ -240,9 +240,10 @@ def eval_step(graphdef, state, tokens_BxLp1: jax.Array) -> jax.Array:
 
 
 class StepFunctions:
-  """The jitted, sharded train/eval steps, one per graphdef (i.e. per FFN mode), compiled once each.
+  """The jitted, sharded train/eval steps, one per graphdef (i.e. per FFN mode, with or without the per-layer
+  statistics), compiled once each.
 
-  ``traces`` counts how often each was traced (the tests assert one per mode).
+  ``traces`` counts how often each was traced, keyed ``(kind, sparse, stats)`` (the tests assert one per variant).
   """
 
   def __init__(self, mesh, batch_sharding, *, lr_fn: optax.Schedule | None = None, donate: bool = True):
@@ -253,17 +254,17 @@ class StepFunctions:
     self.traces: dict[tuple[str, bool], int] = {}
     self._cache: dict[tuple[str, Any], Callable] = {}
 
-  def _counted(self, kind: str, sparse: bool, fn):
+  def _counted(self, key: tuple, fn):
     def wrapped(*args):
-      self.traces[(kind, sparse)] = self.traces.get((kind, sparse), 0) + 1
+      self.traces[key] = self.traces.get(key, 0) + 1
       return fn(*args)
     return wrapped
 
-  def train(self, graphdef, state, sparse: bool) -> Callable:
+  def train(self, graphdef, state, sparse: bool, stats: bool = True) -> Callable:
     key = ("train", graphdef)
     if key not in self._cache:
       shardings = sharding_lib.state_shardings(state, self.mesh)
-      fn = self._counted("train", sparse, functools.partial(train_step, graphdef, lr_fn=self.lr_fn))
+      fn = self._counted(("train", sparse, stats), functools.partial(train_step, graphdef, lr_fn=self.lr_fn))
       self._cache[key] = jax.jit(fn, in_shardings=(shardings, self.batch_sharding),
                                  out_shardings=(shardings, sharding_lib.replicated(self.mesh)),
                                  donate_argnums=(0,) if self.donate else ())
@@ -273,7 +274,7 @@ class StepFunctions:
     key = ("eval", graphdef)
     if key not in self._cache:
       shardings = sharding_lib.state_shardings(state, self.mesh)
-      fn = self._counted("eval", sparse, functools.partial(eval_step, graphdef))
+      fn = self._counted(("eval", sparse, False), functools.partial(eval_step, graphdef))
       self._cache[key] = jax.jit(fn, in_shardings=(shardings, self.batch_sharding),
                                  out_shardings=sharding_lib.replicated(self.mesh))
     return self._cache[key]
@@ -295,6 +296,14 @@ def init_state(model_config, optim: config_lib.OptimizerConfig, steps: int, seed
   shardings = sharding_lib.state_shardings(abstract, mesh)
   state = jax.jit(lambda: build()[1], out_shardings=shardings)()
   return graphdef, state
+
+
+def without_stats(graphdef, state):
+  """The graph definition of the same ``(model, optimizer)`` with the sparse FFNs' statistics off
+  (:func:`jsparse.models.set_stats`); ``state`` fits both."""
+  model, optimizer = nnx.merge(graphdef, state)
+  models.set_stats(model, False)
+  return nnx.split((model, optimizer))[0]
 
 
 def set_mode(graphdef, state, mesh, *, sparse: bool, prepare_tokens: np.ndarray | None = None,
@@ -404,16 +413,18 @@ def train(config: TrainConfig) -> TrainResult:
         resumed_grouped = step == start and start > phases.sparse_start and phases.sparse > 0
         graphdef, state = set_mode(graphdef, state, mesh, sparse=phase == "sparse", prepare_tokens=prepare,
                                    weights_grouped=resumed_grouped)
+        quiet_graphdef = without_stats(graphdef, state)
         logger.write([{"step": step, "event": "phase", "phase": phase}])
-      step_fn = steps_fns.train(graphdef, state, phase == "sparse")
+      done = step + 1
+      log_now = done % cfg.log.every == 0 or done == phases.steps
+      # The per-layer statistics are only logged at log steps: the steps in between run without them.
+      step_fn = steps_fns.train(graphdef if log_now else quiet_graphdef, state, phase == "sparse", stats=log_now)
       tokens = jax.device_put(batches.train_batch(step), batch_sharding)
       state, out = step_fn(state, tokens)
-      done = step + 1
       pending.append((done, phase, out))
       if first_of_phase:
         jax.block_until_ready(out["loss"])
         interval_t0, interval_step0 = time.perf_counter(), done
-      log_now = done % cfg.log.every == 0 or done == phases.steps
       # Also at the end of each phase, so every phase's effect on the validation loss is visible.
       eval_now = ((cfg.log.eval_every and done % cfg.log.eval_every == 0) or done == phases.steps
                   or (phases.sparse and done in (phases.sparse_start, phases.sparse_end)))

@@ -49,8 +49,9 @@ def test_phases_switch_at_the_right_steps(tmp_path, monkeypatch):
   assert step_phases == {s + 1: result.phases.phase_at(s) for s in range(12)}
   assert sorted(losses(str(tmp_path / "run"))) == list(range(1, 13))
 
-  # One compilation per mode: the dense tail reuses the warm-up's step.
-  assert result.traces == {("train", False): 1, ("train", True): 1, ("eval", False): 1, ("eval", True): 1}
+  # One compilation per mode: the dense tail reuses the warm-up's step (every step logs, so all keep statistics).
+  assert result.traces == {("train", False, True): 1, ("train", True, True): 1, ("eval", False, False): 1,
+                           ("eval", True, False): 1}
   assert [s for s, _ in result.val_losses] == [3, 8, 12]  # the end of each phase
   assert all(not f.sparse for f in models.phases.sparse_ffns(result.model))
   assert len(result.losses) == 12 and all(np.isfinite(result.losses))
@@ -63,6 +64,28 @@ def test_phases_switch_at_the_right_steps(tmp_path, monkeypatch):
   flat, _, _ = ckpt.flatten_state(fresh)
   initial = {k: float(v) for k, v in flat.items() if k.startswith("model.") and "beta" in k}
   assert set(initial) == set(betas[4]) and initial != betas[4]
+
+
+def test_statistics_only_at_log_steps_and_the_same_losses(tmp_path):
+  # Between log steps the step runs without the per-layer statistics (a second compiled variant per mode); the
+  # statistics still reach every logged record, and the training itself is unchanged.
+  def run(name, every):
+    cfg = from_preset("tiny", dict(QUICK, **{
+        "out_dir": str(tmp_path / name), "ffn": "act24", "steps": 9, "schedule.dense_warmup": 3,
+        "schedule.sparse": 3, "schedule.dense_tail": None, "checkpoint.every": 0, "log.every": every,
+        "log.eval_every": 0}))
+    return loop.train(cfg)
+
+  every1, every3 = run("every1", 1), run("every3", 3)
+  assert every3.traces == {("train", False, True): 1, ("train", False, False): 1, ("train", True, True): 1,
+                           ("train", True, False): 1, ("eval", False, False): 1, ("eval", True, False): 1}
+  np.testing.assert_allclose(every3.losses, every1.losses, rtol=1e-6, atol=0)
+  logged = [r for r in _records(tmp_path / "every3") if "loss" in r and r["step"] % 3 == 0]
+  assert [r["step"] for r in logged] == [3, 6, 9]
+  for r in logged:
+    assert any(k.endswith("/act_density") for k in r), r
+  unlogged = [r for r in _records(tmp_path / "every3") if "loss" in r and r["step"] % 3]
+  assert unlogged and not any(k.endswith("/act_density") for r in unlogged for k in r)
 
 
 def _records(run_dir):

@@ -68,8 +68,8 @@ def test_sharded_training_matches_one_device(tmp_path_factory):
   sharded = [k for k, s in eight["specs"].items() if "fsdp" in s]
   assert any(k.endswith("w1") for k in sharded) and any(k.endswith("w2") for k in sharded)
   assert any("embed" in k for k in sharded)
-  assert eight["traces"] == one["traces"] == {"('train', False)": 1, "('train', True)": 1, "('eval', False)": 1,
-                                              "('eval', True)": 1}
+  assert eight["traces"] == one["traces"] == {"('train', False, True)": 1, "('train', True, True)": 1,
+                                              "('eval', False, False)": 1, "('eval', True, False)": 1}
   # Same numbers up to float32 reduction order (the SPMD program sums partial products in another order).
   assert len(one["losses"]) == len(eight["losses"]) == 8
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5, atol=0)
