@@ -168,6 +168,38 @@ Status check_layout(CompressEntry& e, int dtype, int64_t rows, int64_t cols, cud
   return {};
 }
 
+// The cached compress entry of a rows x cols sparse operand, its buffer size checked against the output's; with
+// verify, its layout is checked against the library on first use. layout: -1 unchecked, 0 mismatch, 1 verified.
+Status compress_entry(cudaStream_t stream, ffi::ScratchAllocator& scratch, int64_t rows, int64_t cols, int dtype,
+                      size_t packed_bytes, bool verify, std::shared_ptr<CompressEntry>* entry, int* layout) {
+  int device = 0;
+  JSPARSE_RETURN_IF_ERROR(current_device(&device));
+  std::lock_guard<std::mutex> lock(global_mutex());
+  JSPARSE_RETURN_IF_ERROR(get_compress_entry_locked({device, rows, cols, dtype}, entry));
+  CompressEntry& e = **entry;
+  if (packed_bytes != e.size) {
+    return "the compressed buffer has " + std::to_string(packed_bytes) + " bytes, cuSPARSELt needs " +
+           std::to_string(e.size);
+  }
+  if (verify && e.layout < 0) {
+    bool ok = false;
+    JSPARSE_RETURN_IF_ERROR(check_layout(e, dtype, rows, cols, stream, scratch, &ok));
+    e.layout = ok ? 1 : 0;
+  }
+  *layout = e.layout;
+  return {};
+}
+
+// cusparseLtSpMMACompress of a dense row-major operand that already is 2:4 into packed.
+Status library_compress(CompressEntry& e, const void* source, void* packed, ffi::ScratchAllocator& scratch,
+                        cudaStream_t stream) {
+  TempBuffer tmp(scratch, e.tmp_size, stream);
+  if (!tmp) return "could not allocate cuSPARSELt's compress buffer";
+  JSPARSE_CSLT(cusparseLtSpMMACompress2(e.handle, &e.desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, source, packed,
+                                        tmp.get(), stream));
+  return {};
+}
+
 enum Method : int { kAuto = 0, kJsparse = 1, kLibrary = 2 };
 
 Status compress(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer x,
@@ -183,24 +215,10 @@ Status compress(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuf
   if (activation != kActNone && activation != kActSquaredRelu) return "unknown activation";
   if (packed->element_type() != ffi::DataType::U8) return "the compressed buffer must be uint8";
   if (!aligned16(x.untyped_data()) || !aligned16(packed->untyped_data())) return "buffers must be 16-byte aligned";
-  int device = 0;
-  JSPARSE_RETURN_IF_ERROR(current_device(&device));
   std::shared_ptr<CompressEntry> entry;
   int layout = -1;
-  {
-    std::lock_guard<std::mutex> lock(global_mutex());
-    JSPARSE_RETURN_IF_ERROR(get_compress_entry_locked({device, rows, cols, dtype}, &entry));
-    if (packed->size_bytes() != entry->size) {
-      return "the compressed buffer has " + std::to_string(packed->size_bytes()) + " bytes, cuSPARSELt needs " +
-             std::to_string(entry->size);
-    }
-    if (method == kAuto && entry->layout < 0) {
-      bool ok = false;
-      JSPARSE_RETURN_IF_ERROR(check_layout(*entry, dtype, rows, cols, stream, scratch, &ok));
-      entry->layout = ok ? 1 : 0;
-    }
-    layout = entry->layout;
-  }
+  JSPARSE_RETURN_IF_ERROR(
+      compress_entry(stream, scratch, rows, cols, dtype, packed->size_bytes(), method == kAuto, &entry, &layout));
   const bool ours = method == kJsparse || (method == kAuto && layout == 1);
   if (ours) {
     if (!jsparse_kernel_applies(*entry, dtype, rows, cols)) {
@@ -223,11 +241,7 @@ Status compress(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuf
     JSPARSE_RETURN_IF_ERROR(sparsify(activation, true, dtype, source, nullptr, pruned.get(), rows, cols, stream));
     source = pruned.get();
   }
-  TempBuffer tmp(scratch, entry->tmp_size, stream);
-  if (!tmp) return "could not allocate cuSPARSELt's compress buffer";
-  JSPARSE_CSLT(cusparseLtSpMMACompress2(entry->handle, &entry->desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, source,
-                                        packed->untyped_data(), tmp.get(), stream));
-  return {};
+  return library_compress(*entry, source, packed->untyped_data(), scratch, stream);
 }
 
 ffi::Error CompressImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
@@ -278,24 +292,10 @@ Status compress_t(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
       !aligned16(dense_rows->untyped_data())) {
     return "buffers must be 16-byte aligned";
   }
-  int device = 0;
-  JSPARSE_RETURN_IF_ERROR(current_device(&device));
   std::shared_ptr<CompressEntry> entry;
   int layout = -1;
-  {
-    std::lock_guard<std::mutex> lock(global_mutex());
-    JSPARSE_RETURN_IF_ERROR(get_compress_entry_locked({device, rows, cols, dtype}, &entry));
-    if (packed->size_bytes() != entry->size) {
-      return "the compressed buffer has " + std::to_string(packed->size_bytes()) + " bytes, cuSPARSELt needs " +
-             std::to_string(entry->size);
-    }
-    if (entry->layout < 0) {
-      bool ok = false;
-      JSPARSE_RETURN_IF_ERROR(check_layout(*entry, dtype, rows, cols, stream, scratch, &ok));
-      entry->layout = ok ? 1 : 0;
-    }
-    layout = entry->layout;
-  }
+  JSPARSE_RETURN_IF_ERROR(
+      compress_entry(stream, scratch, rows, cols, dtype, packed->size_bytes(), true, &entry, &layout));
   const int32_t* slot_p = static_cast<const int32_t*>(slot.untyped_data());
   if (layout == 1) {
     stats().compress_jsparse++;
@@ -307,11 +307,7 @@ Status compress_t(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
   if (!pruned) return "could not allocate memory for the pruned copy";
   JSPARSE_RETURN_IF_ERROR(launch_sparsify_t<true>(dtype, x.untyped_data(), nullptr, pruned.get(), slot_p,
                                                   dense_rows->untyped_data(), rows, cols, stream));
-  TempBuffer tmp(scratch, entry->tmp_size, stream);
-  if (!tmp) return "could not allocate cuSPARSELt's compress buffer";
-  JSPARSE_CSLT(cusparseLtSpMMACompress2(entry->handle, &entry->desc, 1, CUSPARSE_OPERATION_NON_TRANSPOSE, pruned.get(),
-                                        packed->untyped_data(), tmp.get(), stream));
-  return {};
+  return library_compress(*entry, pruned.get(), packed->untyped_data(), scratch, stream);
 }
 
 ffi::Error CompressTImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x, ffi::AnyBuffer slot,
