@@ -2,8 +2,8 @@
 
 Runs the jitted fwd or fwd+bwd of ``benchmarks.ffn``'s modules a few times under ``jax.profiler.trace`` with a
 Perfetto trace, sums the device events by kernel name (and the XLA op that launched them, where the trace says) and
-prints the largest. ``--out DIR`` also keeps one JSON per (mode, implementation, pass) and each function's optimised
-HLO, to map fusion names back to the program.
+prints the largest. ``--out DIR`` also keeps one JSON per (mode, implementation, pass). The cuSPARSELt algorithm
+search is on, as in ``benchmarks.ffn`` (which sets it when imported).
 
   python -m benchmarks.profile_ffn --modes squared_relu/xla,act24/cusparselt --shape 1b --out $OUT/prof
 """
@@ -23,10 +23,6 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import ffn
-
-# Searched cuSPARSELt algorithms (benchmarks/sparse_matmul.py does the same); JSPARSE_CUSPARSELT_SEARCH=0 in the
-# environment measures the library default, what the models get unless it is set.
-os.environ.setdefault("JSPARSE_CUSPARSELT_SEARCH", "1")
 
 
 def device_events(trace_dir: str) -> list[dict]:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 import jsparse
+from jsparse.kernels.activation.reference import selection_key
 from jsparse.models import _ops
 from jsparse.models.config import FFNConfig
 
@@ -209,8 +210,7 @@ def _mask24_by_relu(y1_TxF: jax.Array) -> jax.Array:
   lower index) as six comparisons per group -- element-wise, so XLA fuses it into its consumers. (The reference's
   rank-by-reduction form became a 7.5 ms reduction kernel of its own at the 1b shape on the H100.)"""
   *lead, F = y1_TxF.shape
-  key = jnp.where(jnp.isnan(y1_TxF), jnp.inf, jnp.maximum(y1_TxF.astype(jnp.float32), 0.0))
-  key = key.reshape(*lead, F // 4, 4)
+  key = selection_key(y1_TxF).reshape(*lead, F // 4, 4)
   k0, k1, k2, k3 = (key[..., i] for i in range(4))
   c01, c02, c03 = (k1 > k0).astype(jnp.int32), (k2 > k0).astype(jnp.int32), (k3 > k0).astype(jnp.int32)
   c12, c13, c23 = (k2 > k1).astype(jnp.int32), (k3 > k1).astype(jnp.int32), (k3 > k2).astype(jnp.int32)

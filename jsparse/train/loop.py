@@ -251,7 +251,7 @@ class StepFunctions:
     self.lr_fn = lr_fn
     self.batch_sharding = batch_sharding
     self.donate = donate
-    self.traces: dict[tuple[str, bool], int] = {}
+    self.traces: dict[tuple[str, bool, bool], int] = {}
     self._cache: dict[tuple[str, Any], Callable] = {}
 
   def _counted(self, key: tuple, fn):
@@ -448,7 +448,7 @@ def train(config: TrainConfig) -> TrainResult:
         r.pop("_stats", None)
       logger.write(records)
       if eval_now:
-        eval_fn = steps_fns.eval(graphdef, state, phase == "sparse")
+        eval_fn = steps_fns.eval(quiet_graphdef, state, phase == "sparse")
         val = _evaluate(eval_fn, state, batches, cfg.data.eval_batches, batch_sharding)
         val_losses.append((done, val))
         logger.write([{"step": done, "phase": phase, "val_loss": val}])
