@@ -74,14 +74,15 @@ def test_cusparselt_needs_aligned_16bit_operands():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_transposed_compress_is_bit_identical_to_compressing_the_transpose(dtype):
+@pytest.mark.parametrize("method", ["auto", "jsparse", "library"])  # library: the layout-mismatch fallback, forced
+def test_transposed_compress_is_bit_identical_to_compressing_the_transpose(dtype, method):
   from jsparse.kernels.cusparselt import ops
 
   K, M = 320, 192  # 5 x 3 tiles of 64
   x = _x((K, M), dtype, 7)
   rows = jnp.asarray([5, 64, 191], jnp.int32)
   slot = jnp.full((M,), -1, jnp.int32).at[rows].set(jnp.arange(3, dtype=jnp.int32))
-  packed_t, dense = jax.jit(lambda x, s: ops.compress_t(x, s, 3))(x, slot)
+  packed_t, dense = jax.jit(lambda x, s: ops.compress_t(x, s, 3, method))(x, slot)
   packed = jax.jit(lambda x: ops.compress(x.T, method="jsparse"))(x)
   np.testing.assert_array_equal(np.asarray(packed_t), np.asarray(packed))
   np.testing.assert_array_equal(np.asarray(dense, np.float32), np.asarray(x.T[rows], np.float32))

@@ -45,17 +45,22 @@ def compress(x_RxK: jax.Array, activation: str = "none", method: str = "auto") -
   return call(x_RxK, activation=np.int32(ACTIVATIONS[activation]), method=np.int32(METHODS[method]))
 
 
-def compress_t(x_KxM: jax.Array, slot_M: jax.Array, n_dense: int) -> tuple[jax.Array, jax.Array]:
+def compress_t(x_KxM: jax.Array, slot_M: jax.Array, n_dense: int,
+               method: str = "auto") -> tuple[jax.Array, jax.Array]:
   """cuSPARSELt's compressed buffer of ``x_KxM.T`` (M x K, 2:4 along K by magnitude, :func:`jsparse.nm_prune`'s
   rule), read from ``x_KxM`` without a transposed copy; and the rows ``r`` of ``x_KxM.T`` with ``slot_M[r] >= 0``,
-  unpruned, at row ``slot_M[r]`` of an ``(max(n_dense, 1), K)`` array (row 0 is unwritten when ``n_dense == 0``)."""
+  unpruned, at row ``slot_M[r]`` of an ``(max(n_dense, 1), K)`` array (row 0 is unwritten when ``n_dense == 0``).
+
+  ``method``: ``"auto"`` (the transposing kernel writes the compressed layout where it matched the library's at this
+  shape, else it writes the pruned matrix densely and the library compresses it), ``"jsparse"`` or ``"library"``
+  (either path forced; for tests, as the layout check has never failed)."""
   lib = library.load()
   K, M = x_KxM.shape
   nbytes = lib.compressed_size(M, K, x_KxM.dtype)
   call = jax.ffi.ffi_call("jsparse_cslt_compress_t", (jax.ShapeDtypeStruct((nbytes,), jnp.uint8),
                                                       jax.ShapeDtypeStruct((max(n_dense, 1), K), x_KxM.dtype)),
                           vmap_method="sequential")
-  return call(x_KxM, slot_M.astype(jnp.int32))
+  return call(x_KxM, slot_M.astype(jnp.int32), method=np.int32(METHODS[method]))
 
 
 def matmul(packed: jax.Array, dense: jax.Array, *, m: int, k: int, mode: int, search: int = 0,

@@ -273,7 +273,7 @@ Status launch_sparsify_t(int dtype, const void* x, void* packed, void* dense_out
 }
 
 Status compress_t(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer x, ffi::AnyBuffer slot,
-                  ffi::Result<ffi::AnyBuffer> packed, ffi::Result<ffi::AnyBuffer> dense_rows) {
+                  ffi::Result<ffi::AnyBuffer> packed, ffi::Result<ffi::AnyBuffer> dense_rows, int32_t method) {
   const int dtype = dtype_code(x.element_type());
   auto dims = x.dimensions();
   if (dims.size() != 2) return "x must be 2-D (cols, rows): the transpose of the sparse operand";
@@ -292,12 +292,18 @@ Status compress_t(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
       !aligned16(dense_rows->untyped_data())) {
     return "buffers must be 16-byte aligned";
   }
+  if (method != kAuto && method != kJsparse && method != kLibrary) return "unknown method";
   std::shared_ptr<CompressEntry> entry;
   int layout = -1;
-  JSPARSE_RETURN_IF_ERROR(
-      compress_entry(stream, scratch, rows, cols, dtype, packed->size_bytes(), true, &entry, &layout));
+  JSPARSE_RETURN_IF_ERROR(compress_entry(stream, scratch, rows, cols, dtype, packed->size_bytes(), method == kAuto,
+                                         &entry, &layout));
   const int32_t* slot_p = static_cast<const int32_t*>(slot.untyped_data());
-  if (layout == 1) {
+  if (method == kJsparse && !jsparse_kernel_applies(*entry, dtype, rows, cols)) {
+    return "the jsparse compress kernel needs cuSPARSELt's compressed size to be rows*cols*9/8 bytes";
+  }
+  // method: auto (the kernel where the layout check passed, else the fallback), or forced (tests: library forces the
+  // fallback, which otherwise runs only on a layout mismatch).
+  if (method == kJsparse || (method == kAuto && layout == 1)) {
     stats().compress_jsparse++;
     return launch_sparsify_t<false>(dtype, x.untyped_data(), packed->untyped_data(), nullptr, slot_p,
                                     dense_rows->untyped_data(), rows, cols, stream);
@@ -311,8 +317,8 @@ Status compress_t(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
 }
 
 ffi::Error CompressTImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x, ffi::AnyBuffer slot,
-                         ffi::Result<ffi::AnyBuffer> packed, ffi::Result<ffi::AnyBuffer> dense_rows) {
-  return to_ffi(compress_t(stream, scratch, x, slot, packed, dense_rows), "compress_t");
+                         ffi::Result<ffi::AnyBuffer> packed, ffi::Result<ffi::AnyBuffer> dense_rows, int32_t method) {
+  return to_ffi(compress_t(stream, scratch, x, slot, packed, dense_rows, method), "compress_t");
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -406,7 +412,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseCsltCompressT, jsparse::CompressTImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("method"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseCsltMatmul, jsparse::MatmulImpl,
                               ffi::Ffi::Bind()
