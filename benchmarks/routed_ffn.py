@@ -17,7 +17,9 @@ round-robin so every group has exactly T/E -- not a router, the idealised plain-
 ``ours`` (``implementation="pallas"``: the Mosaic GPU grouped GEMMs, weights passed in their original neuron order
 and permuted inside the op every step) and ``ours_grouped_weights`` (the same with the weights kept in router order,
 ``weights_grouped=True``; the re-layout of W1, W2 and two float32 Adam moments each, paid once per re-clustering, is
-reported as ``relayout_ms``).
+reported as ``relayout_ms``). A ``_rt64`` suffix on an ``ours*`` name (not run by default) runs it with 64-row tiles
+instead of 128: half the padding per group and twice the row tiles, against smaller wgmma tiles (``row_tile`` in
+the record's config).
 
 **Trained-like activations** (what the router sees): 64 latent "feature" directions u_k in R^D. Neuron f of W1 is
 ``u_{k(f)}`` plus Gaussian noise (each feature owns F/64 neurons, as co-activating neurons of a trained FFN do); token
@@ -144,7 +146,9 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
   for impl in impls:
     if (impl == "einsum_equal_groups" and E != 8) or (impl == "ours" and E not in token_order_at):
       continue
-    kw = dict(implementation="pallas" if impl == "ours" else impl)
+    base_impl = impl.removesuffix("_rt64")
+    row_tile = 64 if impl.endswith("_rt64") and base_impl.startswith("ours") else ROW_TILE
+    kw = dict(implementation="pallas" if base_impl == "ours" else impl, row_tile=row_tile)
     st, a1, a2 = state, w1, w2
     if impl == "einsum":
       kw["capacity"] = cap
@@ -152,12 +156,12 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
       # Not a router: token t -> group t mod E, so every group has exactly T/E tokens (the idealised bound).
       kw = dict(implementation="einsum", capacity=-(-T // E // ROW_TILE) * ROW_TILE,
                 groups=jnp.arange(T, dtype=jnp.int32) % E)
-    if impl == "ours_grouped_weights":
-      kw = dict(implementation="pallas", weights_grouped=True)
+    if base_impl == "ours_grouped_weights":
+      kw = dict(implementation="pallas", weights_grouped=True, row_tile=row_tile)
       st, a1, a2 = settled, w1g, w2g
 
     def f(x, w1, w2, kw=kw, st=st):
-      return rf_api.routed_ffn(x, w1, w2, st, cfg, row_tile=ROW_TILE, **kw)
+      return rf_api.routed_ffn(x, w1, w2, st, cfg, **{"row_tile": ROW_TILE, **kw})
 
     for pass_name, fn in (("fwd", jax.jit(f)), ("fwd+bwd", fwd_bwd(f))):
       jobs.append((impl, pass_name, fn, (a1, a2)))
@@ -174,11 +178,13 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
     times[(impl, pass_name)] = t
     if pass_name == "fwd+bwd" and impl != "einsum_equal_groups":
       outs[impl] = fn(x, a1, a2)
-      if impl == "ours_grouped_weights":  # grads back in the original neuron order, to compare
+      if impl.removesuffix("_rt64") == "ours_grouped_weights":  # grads back in the original neuron order, to compare
         inv = jnp.argsort(perm)
         loss, (dx, d1, d2) = outs[impl]
         outs[impl] = (loss, (dx, rt.take_neurons(d1, inv, 1), rt.take_neurons(d2, inv, 0)))
     conf = dict(shape=name, T=T, D=D, F=F, E=E, dtype="bfloat16", pass_=pass_name, impl=impl)
+    if impl.endswith("_rt64"):
+      conf["row_tile"] = 64
     conf["pass"] = conf.pop("pass_")
     extra = dict(info)
     if impl.startswith("ours") and ("einsum", pass_name) in times:

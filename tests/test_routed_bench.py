@@ -1,0 +1,30 @@
+"""benchmarks/routed_ffn.py's records on a tiny shape (CPU, kernels interpreted; timings meaningless here): each
+variant's gradients agree with the padded-einsum baseline once mapped back to the original neuron order, and the
+64-row-tile variant says so in its config."""
+
+import pytest
+
+import jsparse
+from benchmarks import routed_ffn as bench
+
+
+@pytest.fixture
+def tiny_shape(monkeypatch):
+  monkeypatch.setitem(bench.SHAPES, "tiny", (256, 128, 1024))
+  monkeypatch.setattr(bench, "timed", lambda fn, *args, iters=6: 1.0)  # one call per function is enough here
+  bench._SHAPE_CACHE.pop("tiny", None)
+  yield "tiny"
+  bench._SHAPE_CACHE.pop("tiny", None)
+
+
+def test_records_compare_every_variant_with_einsum_in_the_original_neuron_order(tiny_shape):
+  records = []
+  impls = ["einsum", "ours", "ours_grouped_weights", "ours_grouped_weights_rt64"]
+  with jsparse.pallas_interpret():
+    bench.bench_config(tiny_shape, 2, records, impls, lambda msg: None, token_order_at=(2,))
+  by_name = {(r["config"]["impl"], r["config"]["pass"]): r for r in records}
+  assert set(by_name) == {(i, p) for i in impls for p in ("fwd", "fwd+bwd")}
+  for impl in impls[1:]:
+    assert by_name[(impl, "fwd+bwd")]["max_rel_err_vs_einsum"] < 0.02, impl
+  assert by_name[("ours_grouped_weights_rt64", "fwd")]["config"]["row_tile"] == 64
+  assert "row_tile" not in by_name[("ours_grouped_weights", "fwd")]["config"]
