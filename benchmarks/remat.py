@@ -119,6 +119,11 @@ PACK_SWEEP = [
     _SP(place="scan", words=True),
     _SP(1, 2048, num_warps=8, place="scan"),
     _SP(window=8),
+    _SP(prefetch=2),
+    _SP(prefetch=3),
+    _SP(reload=True, prefetch=2),
+    _SP(1, 512, num_warps=2, prefetch=3),
+    _SP(1, 1024, num_warps=4, prefetch=3),
 ]
 # Unpack variants (block_rows, block_cols, num_warps, num_stages, words); the first is the default.
 UNPACK_SWEEP = [(None, None, 4, 1, False), (4, 1024, 4, 1, True), (4, 1024, 4, 2, False), (2, 2048, 8, 1, True)]

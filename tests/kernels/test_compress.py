@@ -130,11 +130,15 @@ SP = single_pass.PackConfig
     ("interpret", (64, 96), SP(4, 32, place="scan", window=8, zero_span=128), 0.05),
     # not split: count, then pack everything (word view)
     ("interpret", (16, 128), SP(2, 32, split=False, words=True, prefetch=False, window=4, zero_span=256), 0.1),
+    # loads 3 chunks ahead (7 chunks: the last iterations re-read the last chunk), and a depth past the chunk count
+    ("interpret", (8, 224), SP(1, 32, prefetch=3, window=2, zero_span=256), 0.08),
+    ("interpret", (8, 64), SP(2, 32, prefetch=4, split=False, window=2, zero_span=256), 0.2),
     # thousands of bands in flight at once: the look-back under real concurrency, overflowing and not
     pytest.param("gpu", (16384, 1024), SP(), 0.08, marks=pytest.mark.gpu),
     pytest.param("gpu", (16384, 1024), SP(), 1.0, marks=pytest.mark.gpu),
     pytest.param("gpu", (16384, 1024), SP(reload=True, prefetch=False), 0.08, marks=pytest.mark.gpu),
     pytest.param("gpu", (16384, 1024), SP(place="scan"), 0.08, marks=pytest.mark.gpu),
+    pytest.param("gpu", (16384, 1024), SP(prefetch=3), 0.08, marks=pytest.mark.gpu),
     pytest.param("gpu", (4096, 8192), SP(split=False), 0.1, marks=pytest.mark.gpu),
     pytest.param("gpu", (48, 14336), SP(1, 2048, num_warps=8, hold=True), 0.2, marks=pytest.mark.gpu),
     pytest.param("gpu", (2048, 8192), SP(2, 1024, num_warps=8, split=False, words=True, zero_span=4096), 0.35,
@@ -145,6 +149,17 @@ def test_single_pass_packer_matches_reference(impl, shape, config, capacity):
   x = _sparse(shape, 0.3, jnp.float32 if impl == "interpret" else jnp.bfloat16, seed=13) - 0.1  # ~14% after relu
   for _ in range(1 if impl == "interpret" else 3):  # a race would show as a result that changes between runs
     _single_pass_matches_reference(x, capacity, config, impl == "interpret")
+
+
+def test_single_pass_config_errors():
+  with pytest.raises(ValueError, match="place must be"):
+    single_pass.fit_config(SP(place="sort"), (8, 64))
+  with pytest.raises(ValueError, match="zero_span must be a power of two"):
+    single_pass.fit_config(SP(zero_span=1000), (8, 64))
+  with pytest.raises(ValueError, match="prefetch must be a depth"):
+    single_pass.fit_config(SP(prefetch=5), (8, 64))
+  assert single_pass.fit_config(SP(1, 32, prefetch=4), (8, 64)).prefetch == 2  # at most the chunks of a band
+  assert SP(prefetch=2).label().endswith("/prefetch2/split-popc") and "/prefetch/" in SP().label()
 
 
 def test_single_pass_without_relu_or_square():

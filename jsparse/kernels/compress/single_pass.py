@@ -52,7 +52,8 @@ class PackConfig:
     num_stages: Triton software-pipelining depth of the chunk loops.
     hold: keep the band's chunks in registers between counting and packing (static unroll) instead of re-reading.
     words: load chunks as ``(rows, cols/32, 32)`` (one bitmask word per last-axis row) instead of ``(rows, cols)``.
-    prefetch: (when not holding) load chunk k+1 before processing chunk k.
+    prefetch: (when not holding) how many chunks ahead loads are issued: with ``d``, chunk k+d is loaded before
+      chunk k is processed, so ``d`` loads per program are in flight (0: none; ``True`` counts as 1).
     split: write the bitmask and ``h`` while counting (step 1), so that step 3 only places and stores the values,
       by popcounts of the bitmask words (no prefix sum over elements); implies ``words``. A band that crosses the
       capacity redoes step 3 in full.
@@ -69,7 +70,7 @@ class PackConfig:
   num_stages: int = 1
   hold: bool = False
   words: bool = False
-  prefetch: bool = True
+  prefetch: int = 1
   split: bool = True
   place: str = "popc"
   reload: bool = False
@@ -78,9 +79,14 @@ class PackConfig:
 
   def label(self) -> str:
     return (f"{self.block_rows}x{self.block_cols}/w{self.num_warps}s{self.num_stages}"
-            f"{'/hold' if self.hold else ''}{'/words' if self.words else ''}{'/prefetch' if self.prefetch else ''}"
+            f"{'/hold' if self.hold else ''}{'/words' if self.words else ''}{_prefetch_label(self.prefetch)}"
             f"{'/split-' + self.place if self.split else ''}{'/reload' if self.reload else ''}"
             f"{'' if self.window == 32 else f'/window{self.window}'}")
+
+
+def _prefetch_label(depth: int) -> str:
+  depth = int(depth)
+  return "" if depth == 0 else "/prefetch" if depth == 1 else f"/prefetch{depth}"
 
 
 def default_config(shape: tuple[int, int]) -> PackConfig:
@@ -108,7 +114,10 @@ def fit_config(cfg: PackConfig, shape: tuple[int, int]) -> PackConfig:
     raise ValueError(f"single-pass packer: place must be 'popc' or 'scan', got {cfg.place!r}")
   if cfg.zero_span & (cfg.zero_span - 1):
     raise ValueError(f"single-pass packer: zero_span must be a power of two, got {cfg.zero_span}")
+  if not 0 <= int(cfg.prefetch) <= 4:
+    raise ValueError(f"single-pass packer: prefetch must be a depth in [0, 4], got {cfg.prefetch!r}")
   return dataclasses.replace(cfg, block_rows=max(br, 1), block_cols=bc, window=window, hold=hold,
+                             prefetch=min(int(cfg.prefetch), C // bc),
                              words=cfg.words or (cfg.split and cfg.place == "popc"),
                              reload=cfg.reload and cfg.split and cfg.place == "popc")
 
@@ -158,18 +167,20 @@ def _load_chunk(x_ref, rows, k, bc: int, words: bool):
 
 
 def _walk(x_ref, rows, cfg: PackConfig, chunks: int, fn, init):
-  """``fn(k, chunk_k, carry)`` over the band's chunks; with ``prefetch`` chunk k+1's load is issued before chunk k is
-  processed (it rides in the loop carry), so its latency overlaps the work."""
+  """``fn(k, chunk_k, carry)`` over the band's chunks; with prefetch depth ``d`` chunk k+d's load is issued before
+  chunk k is processed (the ``d`` chunks ahead ride in the loop carry), so their latency overlaps the work."""
   load = lambda k: _load_chunk(x_ref, rows, k, cfg.block_cols, cfg.words)
-  if not cfg.prefetch:
+  depth = int(cfg.prefetch)
+  if not depth:
     return jax.lax.fori_loop(0, chunks, lambda k, c: fn(k, load(k), c), init)
 
   def body(k, carry):
-    c, x = carry
-    nxt = load(jnp.minimum(k + 1, chunks - 1))  # the last iteration re-reads its own chunk (unused)
-    return fn(k, x, c), nxt
+    c, ahead = carry
+    nxt = load(jnp.minimum(k + depth, chunks - 1))  # the last d iterations re-read the last chunk (unused)
+    return fn(k, ahead[0], c), ahead[1:] + (nxt,)
 
-  return jax.lax.fori_loop(0, chunks, body, (init, load(0)))[0]
+  first = tuple(load(min(j, chunks - 1)) for j in range(depth))
+  return jax.lax.fori_loop(0, chunks, body, (init, first))[0]
 
 
 def _band(t, x_ref, bits_ref, values_ref, offsets_ref, counts_ref, state_ref, h_ref, *, relu: bool, capacity: int,
