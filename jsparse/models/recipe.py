@@ -251,30 +251,29 @@ def _recipe(spec: RecipeSpec, x_TxD, w1_DxF, w2_FxD, perm_T):
   # residual is not stored, so a bitmask that would overflow does not drop anything either.
   del perm_T
   if _fused_activation(spec):
-    y1_TxF, out_TxD = _fused_forward(spec, x_TxD, w1_DxF, w2_FxD)
-    mask_TxF = _masked_relu_from_y1(y1_TxF)[1] if spec.stats else None
-    return out_TxD, _stats(spec, y1_TxF, mask_TxF, _n_dense(spec, w1_DxF.shape[1]))
+    _, out_TxD, stats = _fused_forward(spec, x_TxD, w1_DxF, w2_FxD)
+    return out_TxD, stats
   y1_TxF, h_TxF, mask_TxF = _first_gemm(spec, x_TxD, w1_DxF)
   out_TxD = _second_gemm(spec, h_TxF, w2_FxD)
   return out_TxD, _stats(spec, y1_TxF, mask_TxF, _n_dense(spec, w1_DxF.shape[1]))
 
 
 def _fused_forward(spec: RecipeSpec, x_TxD, w1_DxF, w2_FxD):
-  """(y1, out) on the fused path (:func:`_fused_activation`)."""
+  """(y1, out, stats) on the fused path (:func:`_fused_activation`)."""
   y1_TxF = checkpoint_name(
       _ops.matmul(x_TxD, w1_DxF, sparse_operand="b" if spec.sparse_w1 else None, implementation=spec.gemm_impl),
       _ops.FFN_HIDDEN)
   h24 = jsparse.squared_relu_24_compress(y1_TxF, implementation=spec.gemm_impl)
-  return y1_TxF, jsparse.sparse_matmul(h24, w2_FxD, sparse_operand="a", implementation=spec.gemm_impl)
+  out_TxD = jsparse.sparse_matmul(h24, w2_FxD, sparse_operand="a", implementation=spec.gemm_impl)
+  mask_TxF = _mask24_by_relu(y1_TxF) if spec.stats else None
+  return y1_TxF, out_TxD, _stats(spec, y1_TxF, mask_TxF, _n_dense(spec, w1_DxF.shape[1]))
 
 
 def _recipe_fwd(spec: RecipeSpec, x_TxD, w1_DxF, w2_FxD, perm_T):
   dtype = x_TxD.dtype
   xp_TxD = x_TxD if perm_T is None else permute_tokens(x_TxD, perm_T)
   if _fused_activation(spec):
-    y1_TxF, outp_TxD = _fused_forward(spec, xp_TxD, w1_DxF, w2_FxD)
-    mask_TxF = _masked_relu_from_y1(y1_TxF)[1] if spec.stats else None
-    stats = _stats(spec, y1_TxF, mask_TxF, _n_dense(spec, w1_DxF.shape[1]))
+    y1_TxF, outp_TxD, stats = _fused_forward(spec, xp_TxD, w1_DxF, w2_FxD)
     out_TxD = outp_TxD if perm_T is None else unpermute_tokens(outp_TxD, perm_T)
     stored = jsparse.store_activation(y1_TxF, kind="dense")  # the residual is y1 (tagged as the FFN's activation)
     return (out_TxD, stats), (xp_TxD, w1_DxF, w2_FxD, stored, None, None, perm_T)
