@@ -19,7 +19,8 @@ and permuted inside the op every step) and ``ours_grouped_weights`` (the same wi
 ``weights_grouped=True``; the re-layout of W1, W2 and two float32 Adam moments each, paid once per re-clustering, is
 reported as ``relayout_ms``). A ``_rt64`` suffix on an ``ours*`` name (not run by default) runs it with 64-row tiles
 instead of 128: half the padding per group and twice the row tiles, against smaller wgmma tiles (``row_tile`` in
-the record's config).
+the record's config); a ``_pgather`` suffix moves tokens into the group layout with the Pallas row-gather kernel
+instead of XLA's gather (``gather="pallas"``; ``gather`` in the config). Suffixes combine (``_rt64_pgather``).
 
 **Trained-like activations** (what the router sees): 64 latent "feature" directions u_k in R^D. Neuron f of W1 is
 ``u_{k(f)}`` plus Gaussian noise (each feature owns F/64 neurons, as co-activating neurons of a trained FFN do); token
@@ -110,6 +111,19 @@ def shape_setup(name, log):
   return _SHAPE_CACHE[name]
 
 
+VARIANT_SUFFIXES = ("_rt64", "_pgather")
+
+
+def _variant(impl: str) -> tuple[str, set[str]]:
+  """(base implementation, modifiers) of a name like ``ours_grouped_weights_rt64_pgather``."""
+  mods = set()
+  while impl.startswith("ours") and impl.endswith(VARIANT_SUFFIXES):
+    suffix = next(s for s in VARIANT_SUFFIXES if impl.endswith(s))
+    mods.add(suffix[1:])
+    impl = impl.removesuffix(suffix)
+  return impl, mods
+
+
 def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
   T, D, F = SHAPES[name]
   x, w1, w2, t_dense = shape_setup(name, log)
@@ -146,8 +160,8 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
   for impl in impls:
     if (impl == "einsum_equal_groups" and E != 8) or (impl == "ours" and E not in token_order_at):
       continue
-    base_impl = impl.removesuffix("_rt64")
-    row_tile = 64 if impl.endswith("_rt64") and base_impl.startswith("ours") else ROW_TILE
+    base_impl, mods = _variant(impl)
+    row_tile = 64 if "rt64" in mods else ROW_TILE
     kw = dict(implementation="pallas" if base_impl == "ours" else impl, row_tile=row_tile)
     st, a1, a2 = state, w1, w2
     if impl == "einsum":
@@ -159,6 +173,8 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
     if base_impl == "ours_grouped_weights":
       kw = dict(implementation="pallas", weights_grouped=True, row_tile=row_tile)
       st, a1, a2 = settled, w1g, w2g
+    if "pgather" in mods:
+      kw["gather"] = "pallas"
 
     def f(x, w1, w2, kw=kw, st=st):
       return rf_api.routed_ffn(x, w1, w2, st, cfg, **{"row_tile": ROW_TILE, **kw})
@@ -168,6 +184,7 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
   compiled = compile_all([(fn, (x, *ws)) for _, _, fn, ws in jobs])
   times, outs = {}, {}
   for (impl, pass_name, _, (a1, a2)), fn in zip(jobs, compiled):
+    base_impl, mods = _variant(impl)
     try:
       if isinstance(fn, Exception):
         raise fn
@@ -178,13 +195,15 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
     times[(impl, pass_name)] = t
     if pass_name == "fwd+bwd" and impl != "einsum_equal_groups":
       outs[impl] = fn(x, a1, a2)
-      if impl.removesuffix("_rt64") == "ours_grouped_weights":  # grads back in the original neuron order, to compare
+      if base_impl == "ours_grouped_weights":  # grads back in the original neuron order, to compare
         inv = jnp.argsort(perm)
         loss, (dx, d1, d2) = outs[impl]
         outs[impl] = (loss, (dx, rt.take_neurons(d1, inv, 1), rt.take_neurons(d2, inv, 0)))
     conf = dict(shape=name, T=T, D=D, F=F, E=E, dtype="bfloat16", pass_=pass_name, impl=impl)
-    if impl.endswith("_rt64"):
+    if "rt64" in mods:
       conf["row_tile"] = 64
+    if "pgather" in mods:
+      conf["gather"] = "pallas"
     conf["pass"] = conf.pop("pass_")
     extra = dict(info)
     if impl.startswith("ours") and ("einsum", pass_name) in times:

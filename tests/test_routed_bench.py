@@ -1,6 +1,6 @@
 """benchmarks/routed_ffn.py's records on a tiny shape (CPU, kernels interpreted; timings meaningless here): each
 variant's gradients agree with the padded-einsum baseline once mapped back to the original neuron order, and the
-64-row-tile variant says so in its config."""
+64-row-tile and Pallas-gather variants say so in their configs."""
 
 import pytest
 
@@ -19,7 +19,7 @@ def tiny_shape(monkeypatch):
 
 def test_records_compare_every_variant_with_einsum_in_the_original_neuron_order(tiny_shape):
   records = []
-  impls = ["einsum", "ours", "ours_grouped_weights", "ours_grouped_weights_rt64"]
+  impls = ["einsum", "ours", "ours_grouped_weights", "ours_grouped_weights_rt64", "ours_grouped_weights_rt64_pgather"]
   with jsparse.pallas_interpret():
     bench.bench_config(tiny_shape, 2, records, impls, lambda msg: None, token_order_at=(2,))
   by_name = {(r["config"]["impl"], r["config"]["pass"]): r for r in records}
@@ -28,3 +28,8 @@ def test_records_compare_every_variant_with_einsum_in_the_original_neuron_order(
     assert by_name[(impl, "fwd+bwd")]["max_rel_err_vs_einsum"] < 0.02, impl
   assert by_name[("ours_grouped_weights_rt64", "fwd")]["config"]["row_tile"] == 64
   assert "row_tile" not in by_name[("ours_grouped_weights", "fwd")]["config"]
+  assert by_name[("ours_grouped_weights_rt64_pgather", "fwd")]["config"]["gather"] == "pallas"
+  assert by_name[("ours_grouped_weights_rt64_pgather", "fwd")]["config"]["row_tile"] == 64
+  assert "gather" not in by_name[("ours_grouped_weights_rt64", "fwd")]["config"]
+  assert bench._variant("ours_grouped_weights_pgather_rt64") == ("ours_grouped_weights", {"rt64", "pgather"})
+  assert bench._variant("einsum") == ("einsum", set())

@@ -15,7 +15,7 @@ import jsparse
 from jsparse import router as rt
 from jsparse.kernels.routed_ffn import api
 from jsparse.kernels.routed_ffn import layout as lay
-from tests.helpers import TOLERANCES, implementation
+from tests.helpers import TOLERANCES, assert_bitwise_equal, implementation
 
 
 def assert_close(actual, expected, dtype):
@@ -200,6 +200,10 @@ def test_bad_configs():
     call(implementation="cutlass")
   with pytest.raises(ValueError, match="groups must be an int array"):
     jsparse.routed_ffn(x, w1, w2, state, cfg, groups=groups[:8])
+  with pytest.raises(ValueError, match="gather must be one of"):
+    call(gather="cuda")
+  with pytest.raises(ValueError, match="grouped-GEMM path only"):
+    call(gather="pallas", implementation="einsum")
   with jsparse.pallas_interpret():
     with pytest.raises(ValueError, match="bfloat16/float16"):
       call(implementation="pallas")  # float32 activations
@@ -215,6 +219,11 @@ def test_interpret_twin():
     got = _fwd_and_grads(_routed(state, cfg, groups, row_tile=64, implementation=im), x, w1, w2, ct)
   for a, b in zip(got, want):
     assert_close(a, b, jnp.bfloat16)
+  with implementation("interpret") as im:  # row moves through the gather kernel: exact, so the same bits
+    moved = _fwd_and_grads(_routed(state, cfg, groups, row_tile=64, implementation=im, gather="pallas"), x, w1, w2,
+                           ct)
+  for a, b in zip(moved, got):
+    assert_bitwise_equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -232,6 +241,10 @@ def test_pallas_equals_reference_gpu(E):
   assert_close(default, got[0], jnp.bfloat16)
   for a, b in zip(got, want):
     assert_close(a, b, jnp.bfloat16)
+  moved = _fwd_and_grads(jax.jit(_routed(state, cfg, groups, implementation="pallas", gather="pallas")), x, w1, w2,
+                         ct)
+  for a, b in zip(moved, got):  # the gather kernel moves rows exactly: same bits as the XLA moves
+    assert_bitwise_equal(a, b)
 
 
 @pytest.mark.gpu

@@ -92,7 +92,7 @@ def _resolve(op: str, implementation, ok: bool, why: str) -> str:
 def routed_ffn(x: jax.Array, w1_DxF: jax.Array, w2_FxD: jax.Array, state: rt.RouterState,
                config: rt.RouterConfig, *, groups: jax.Array | None = None,
                vnm: tuple[int, int, int] | None = None, row_tile: int = 128, capacity: int | None = None,
-               weights_grouped: bool = False, implementation: str | None = None) -> jax.Array:
+               weights_grouped: bool = False, implementation: str | None = None, gather: str = "xla") -> jax.Array:
   """Routed squared-ReLU FFN: each token uses only its group's F/E neurons.
 
   ``out_t = relu(x_t @ W1[:, G])^2 @ W2[G, :]`` with ``G`` the neurons of the token's group (router state), i.e. the
@@ -116,13 +116,18 @@ def routed_ffn(x: jax.Array, w1_DxF: jax.Array, w2_FxD: jax.Array, state: rt.Rou
     implementation: ``None`` (the grouped-GEMM kernel on a GPU where supported, else ``"einsum"``), ``"pallas"``,
       ``"einsum"`` (padded batched GEMMs), ``"ragged_dot"`` (``jax.lax.ragged_dot``) or ``"xla"`` (the masked-dense
       reference: T x F work).
+    gather: ``"pallas"`` path only: how tokens move into the group layout (the forward's ``x`` and the backward's
+      ``dOut``): ``"xla"`` (a ``jnp.take``, the default until the Pallas kernel is measured faster on the H100) or
+      ``"pallas"`` (:func:`jsparse.kernels.gather_rows.api.gather_rows`). Moves back to token order are always XLA
+      gathers, which XLA fuses into their consumers.
 
   Returns:
     Array shaped like x.
 
   Raises:
     ValueError: bad shapes/dtypes, F not splitting into E groups of a multiple of ``config.block``, a state that does
-      not match, a bad vnm/capacity/row_tile, vnm with ``"ragged_dot"``, or an explicit ``"pallas"`` that cannot run.
+      not match, a bad vnm/capacity/row_tile/gather, vnm with ``"ragged_dot"``, or an explicit ``"pallas"`` that cannot
+      run.
   """
   op = "routed_ffn"
   common.check_floating(op, "x", x)
@@ -157,6 +162,10 @@ def routed_ffn(x: jax.Array, w1_DxF: jax.Array, w2_FxD: jax.Array, state: rt.Rou
     raise ValueError(f"{op}: vnm needs the tile-aligned group layout; use implementation 'pallas', 'einsum' or 'xla'")
   if capacity is not None and impl != "einsum":
     raise ValueError(f"{op}: capacity only applies to implementation='einsum', got {impl!r}")
+  if gather not in lay.GATHER_IMPLEMENTATIONS:
+    raise ValueError(f"{op}: gather must be one of {lay.GATHER_IMPLEMENTATIONS}, got {gather!r}")
+  if gather != "xla" and impl != "pallas":
+    raise ValueError(f"{op}: gather={gather!r} applies to the grouped-GEMM path only, not implementation={impl!r}")
 
   if impl == "xla":
     perm = jnp.arange(F, dtype=jnp.int32) if weights_grouped else state.perm_F
@@ -175,16 +184,16 @@ def routed_ffn(x: jax.Array, w1_DxF: jax.Array, w2_FxD: jax.Array, state: rt.Rou
   elif impl == "ragged_dot":
     out = baselines.routed_ffn_ragged(x_TxD, w1g, w2g, groups_T, E)
   else:
-    out = _grouped_path(x_TxD, w1g, w2g, groups_T, E, row_tile, vnm, "pallas")
+    out = _grouped_path(x_TxD, w1g, w2g, groups_T, E, row_tile, vnm, "pallas", gather)
   return out.reshape(x.shape)
 
 
-def _grouped_path(x_TxD, w1g_DxF, w2g_FxD, groups_T, num_groups, row_tile, vnm, gemm_impl):
+def _grouped_path(x_TxD, w1g_DxF, w2g_FxD, groups_T, num_groups, row_tile, vnm, gemm_impl, gather="xla"):
   """Layout, grouped GEMMs, back to token order (also run with the reference GEMMs by the tests)."""
   layout = lay.make_layout(groups_T, num_groups, row_tile)
-  x_PxD = lay.to_padded(x_TxD, layout)
+  x_PxD = lay.to_padded(x_TxD, layout, gather)
   spec = grouped.GroupedSpec(num_groups, row_tile, vnm, gemm_impl)
   dtype = x_TxD.dtype
   out_PxD = grouped.grouped_ffn(x_PxD, w1g_DxF.astype(dtype), w2g_FxD.astype(dtype), layout.tile_group_R,
                                 layout.tile_start_E, layout.tiles_E, spec)
-  return lay.from_padded(out_PxD, layout)
+  return lay.from_padded(out_PxD, layout, gather)

@@ -8,14 +8,18 @@
 
 Positions come from a counting sort (a ``[T, E]`` cumulative sum), not a comparison sort. Moving rows in and out of a
 layout is a gather whose transpose is the gather by the inverse map (``custom_vjp``), so the backward never emits a
-scatter-add.
+scatter-add. The moves into the layout can run on the Pallas row-gather kernel (``gather="pallas"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from jsparse.kernels.gather_rows import api as gather_api
 
 
 @jax.tree_util.register_dataclass
@@ -92,38 +96,53 @@ def contiguous_order(groups_T: jax.Array, num_groups: int):
 # ----------------------------------------------------------------------------------------------------------------------
 # Row moves with gather-only gradients.
 
-
-def _take_rows(x, rows):
-  return jnp.take(x, rows, axis=0, mode="fill", fill_value=0)
+GATHER_IMPLEMENTATIONS = ("xla", "pallas")
 
 
-@jax.custom_vjp
-def move_rows(x_SxD: jax.Array, src_of_dest: jax.Array, dest_of_src: jax.Array) -> jax.Array:
+def _take_rows(x, rows, impl: str):
+  return gather_api.gather_rows(x, rows, implementation=impl)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def move_rows(x_SxD: jax.Array, src_of_dest: jax.Array, dest_of_src: jax.Array, fwd_impl: str = "xla",
+              bwd_impl: str = "xla") -> jax.Array:
   """``x[src_of_dest]`` with zero rows where the index is out of range.
 
   ``dest_of_src`` is the inverse map (the output row of every source row, out of range if dropped); the gradient is
   the gather ``g[dest_of_src]``, valid because every source row lands in at most one output row. The integer maps get
-  no gradient.
+  no gradient. ``fwd_impl`` / ``bwd_impl``: the :func:`jsparse.kernels.gather_rows.api.gather_rows` implementation of
+  the forward and of the gradient gather.
   """
-  return _take_rows(x_SxD, src_of_dest)
+  return _take_rows(x_SxD, src_of_dest, fwd_impl)
 
 
-def _move_fwd(x, src_of_dest, dest_of_src):
-  return _take_rows(x, src_of_dest), dest_of_src
+def _move_fwd(x, src_of_dest, dest_of_src, fwd_impl, bwd_impl):
+  return _take_rows(x, src_of_dest, fwd_impl), dest_of_src
 
 
-def _move_bwd(dest_of_src, g):
-  return _take_rows(g, dest_of_src), None, None
+def _move_bwd(fwd_impl, bwd_impl, dest_of_src, g):
+  return _take_rows(g, dest_of_src, bwd_impl), None, None
 
 
 move_rows.defvjp(_move_fwd, _move_bwd)
 
 
-def to_padded(x_TxD: jax.Array, layout: GroupLayout) -> jax.Array:
-  """(P, D): tokens in layout order, zero rows for padding."""
-  return move_rows(x_TxD, layout.row_token_P, layout.pos_T)
+def _check_gather(gather: str) -> str:
+  if gather not in GATHER_IMPLEMENTATIONS:
+    raise ValueError(f"gather must be one of {GATHER_IMPLEMENTATIONS}, got {gather!r}")
+  return gather
 
 
-def from_padded(y_PxD: jax.Array, layout: GroupLayout) -> jax.Array:
-  """(T, D): rows back in token order."""
-  return move_rows(y_PxD, layout.pos_T, layout.row_token_P)
+def to_padded(x_TxD: jax.Array, layout: GroupLayout, gather: str = "xla") -> jax.Array:
+  """(P, D): tokens in layout order, zero rows for padding.
+
+  ``gather="pallas"`` moves the rows with the Pallas gather kernel; only the move *into* the layout does (here the
+  forward; in :func:`from_padded` the gradient's): its consumer is a grouped-GEMM kernel anyway, while a move back to
+  token order stays an XLA gather that XLA can fuse into its consumer (the residual add, the loss).
+  """
+  return move_rows(x_TxD, layout.row_token_P, layout.pos_T, _check_gather(gather), "xla")
+
+
+def from_padded(y_PxD: jax.Array, layout: GroupLayout, gather: str = "xla") -> jax.Array:
+  """(T, D): rows back in token order (``gather``: as in :func:`to_padded`, used by the gradient's move)."""
+  return move_rows(y_PxD, layout.pos_T, layout.row_token_P, "xla", _check_gather(gather))
