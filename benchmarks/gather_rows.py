@@ -3,7 +3,8 @@
 Moves of the routed FFN at T=16384: into the padded group layout (P = 17408 rows at E=8, row tile 128: a permutation
 of the T tokens plus zero rows) and back to token order, for the 1b (D=2048) and 7b (D=4096) widths, bf16. Reports
 GB/s (rows read + rows written, once each), the ratio to XLA's gather (``baseline: xla_take``) and to ``x*2`` (a copy
-of the same bytes), for each kernel config; every output is checked bit for bit against the reference.
+of the same bytes), for each kernel config of both engines (Triton; Mosaic GPU bulk copies, ``engine: tma``); every
+output is checked bit for bit against the reference.
 
   python -m benchmarks.gather_rows --out $OUT/gather_rows.json
   python -m benchmarks.gather_rows --out /tmp/g.json --interpret --tokens 512   # CPU smoke test
@@ -24,9 +25,16 @@ from jsparse.kernels.gather_rows import api
 from jsparse.kernels.routed_ffn import layout as lay
 
 WIDTHS = {"1b": 2048, "7b": 4096}
-CONFIGS = [api.GatherConfig(br, bc, w) for br, bc, w in
-           [(8, 1024, 4), (4, 1024, 4), (16, 1024, 8), (8, 2048, 8), (8, 512, 4), (2, 4096, 8), (1, 4096, 4),
-            (32, 256, 4)]]
+CONFIGS = [api.GatherConfig(), api.TmaGatherConfig()] + [
+    api.GatherConfig(br, bc, w) for br, bc, w in
+    [(4, 1024, 4), (16, 1024, 8), (8, 2048, 8), (8, 512, 4), (2, 4096, 8), (1, 4096, 4), (32, 256, 4)]] + [
+    api.TmaGatherConfig(br) for br in (2, 4, 16)]
+
+
+def _describe(cfg) -> dict:
+  if isinstance(cfg, api.TmaGatherConfig):
+    return dict(engine="tma", block_rows=cfg.block_rows)
+  return dict(engine="triton", block_rows=cfg.block_rows, block_cols=cfg.block_cols, num_warps=cfg.num_warps)
 
 
 def _moves(T: int, E: int, row_tile: int, key):
@@ -58,12 +66,11 @@ def run(T: int, widths: dict[str, int], configs, E: int = 8, row_tile: int = 128
         except Exception as e:  # a config the compiler rejects must not stop the others
           print(f"[{shape} {move}] {cfg} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
           continue
-        conf = dict(shape=[P, D], src_rows=S, dtype="bfloat16", move=move, model=shape, E=E,
-                    block_rows=cfg.block_rows, block_cols=cfg.block_cols, num_warps=cfg.num_warps)
+        conf = dict(shape=[P, D], src_rows=S, dtype="bfloat16", move=move, model=shape, E=E, **_describe(cfg))
         records.append(record("gather_rows", config=conf, metric="gbps", baseline="xla_take", ours=gbps(t),
                               base=gbps(t_xla), ms=t, xla_ms=t_xla, copy_gbps=gbps(t_copy),
                               ratio_to_copy=gbps(t) / gbps(t_copy), exact=exact))
-        print(f"[{shape} {move}] {cfg.block_rows}x{cfg.block_cols}/w{cfg.num_warps}: {t * 1e3:7.1f} us "
+        print(f"[{shape} {move}] {cfg}: {t * 1e3:7.1f} us "
               f"{gbps(t):6.0f} GB/s, xla {t_xla * 1e3:7.1f} us {gbps(t_xla):6.0f} GB/s, copy {gbps(t_copy):6.0f} GB/s,"
               f" exact {exact}", flush=True)
   return records
@@ -87,7 +94,8 @@ def main(argv=None) -> int:
   write_results(args.out, records)
   print_table([dict(r["config"], gbps=r["ours"], xla=r["base"], ratio=r["ratio"], copy=r["copy_gbps"],
                     exact=r["exact"]) for r in records],
-              ["model", "move", "block_rows", "block_cols", "num_warps", "gbps", "xla", "ratio", "copy", "exact"])
+              ["model", "move", "engine", "block_rows", "block_cols", "num_warps", "gbps", "xla", "ratio", "copy",
+               "exact"])
   return 0 if records and all(r["exact"] for r in records) else 1
 
 

@@ -19,8 +19,9 @@ and permuted inside the op every step) and ``ours_grouped_weights`` (the same wi
 ``weights_grouped=True``; the re-layout of W1, W2 and two float32 Adam moments each, paid once per re-clustering, is
 reported as ``relayout_ms``). A ``_rt64`` suffix on an ``ours*`` name (not run by default) runs it with 64-row tiles
 instead of 128: half the padding per group and twice the row tiles, against smaller wgmma tiles (``row_tile`` in
-the record's config); a ``_pgather`` suffix moves tokens into the group layout with the Pallas row-gather kernel
-instead of XLA's gather (``gather="pallas"``; ``gather`` in the config). Suffixes combine (``_rt64_pgather``).
+the record's config); a ``_pgather`` / ``_tgather`` suffix moves tokens into the group layout with the Pallas
+row-gather kernel, Triton / Mosaic GPU bulk-copy engine, instead of XLA's gather (``gather="pallas"`` /
+``"pallas_tma"``; ``gather`` in the config). Suffixes combine (``_rt64_pgather``).
 
 **Trained-like activations** (what the router sees): 64 latent "feature" directions u_k in R^D. Neuron f of W1 is
 ``u_{k(f)}`` plus Gaussian noise (each feature owns F/64 neurons, as co-activating neurons of a trained FFN do); token
@@ -111,7 +112,7 @@ def shape_setup(name, log):
   return _SHAPE_CACHE[name]
 
 
-VARIANT_SUFFIXES = ("_rt64", "_pgather")
+VARIANT_SUFFIXES = ("_rt64", "_pgather", "_tgather")
 
 
 def _variant(impl: str) -> tuple[str, set[str]]:
@@ -122,6 +123,11 @@ def _variant(impl: str) -> tuple[str, set[str]]:
     mods.add(suffix[1:])
     impl = impl.removesuffix(suffix)
   return impl, mods
+
+
+def _gather(mods: set[str]) -> str | None:
+  """The ``gather=`` a variant's modifiers ask for (None: the op's default)."""
+  return "pallas_tma" if "tgather" in mods else ("pallas" if "pgather" in mods else None)
 
 
 def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
@@ -173,8 +179,8 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
     if base_impl == "ours_grouped_weights":
       kw = dict(implementation="pallas", weights_grouped=True, row_tile=row_tile)
       st, a1, a2 = settled, w1g, w2g
-    if "pgather" in mods:
-      kw["gather"] = "pallas"
+    if _gather(mods) is not None:
+      kw["gather"] = _gather(mods)
 
     def f(x, w1, w2, kw=kw, st=st):
       return rf_api.routed_ffn(x, w1, w2, st, cfg, **{"row_tile": ROW_TILE, **kw})
@@ -202,8 +208,8 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
     conf = dict(shape=name, T=T, D=D, F=F, E=E, dtype="bfloat16", pass_=pass_name, impl=impl)
     if "rt64" in mods:
       conf["row_tile"] = 64
-    if "pgather" in mods:
-      conf["gather"] = "pallas"
+    if _gather(mods) is not None:
+      conf["gather"] = _gather(mods)
     conf["pass"] = conf.pop("pass_")
     extra = dict(info)
     if impl.startswith("ours") and ("einsum", pass_name) in times:

@@ -19,7 +19,8 @@ def tiny_shape(monkeypatch):
 
 def test_records_compare_every_variant_with_einsum_in_the_original_neuron_order(tiny_shape):
   records = []
-  impls = ["einsum", "ours", "ours_grouped_weights", "ours_grouped_weights_rt64", "ours_grouped_weights_rt64_pgather"]
+  impls = ["einsum", "ours", "ours_grouped_weights", "ours_grouped_weights_rt64", "ours_grouped_weights_rt64_pgather",
+           "ours_grouped_weights_tgather"]
   with jsparse.pallas_interpret():
     bench.bench_config(tiny_shape, 2, records, impls, lambda msg: None, token_order_at=(2,))
   by_name = {(r["config"]["impl"], r["config"]["pass"]): r for r in records}
@@ -31,5 +32,6 @@ def test_records_compare_every_variant_with_einsum_in_the_original_neuron_order(
   assert by_name[("ours_grouped_weights_rt64_pgather", "fwd")]["config"]["gather"] == "pallas"
   assert by_name[("ours_grouped_weights_rt64_pgather", "fwd")]["config"]["row_tile"] == 64
   assert "gather" not in by_name[("ours_grouped_weights_rt64", "fwd")]["config"]
+  assert by_name[("ours_grouped_weights_tgather", "fwd+bwd")]["config"]["gather"] == "pallas_tma"
   assert bench._variant("ours_grouped_weights_pgather_rt64") == ("ours_grouped_weights", {"rt64", "pgather"})
   assert bench._variant("einsum") == ("einsum", set())

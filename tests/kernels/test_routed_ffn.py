@@ -219,11 +219,12 @@ def test_interpret_twin():
     got = _fwd_and_grads(_routed(state, cfg, groups, row_tile=64, implementation=im), x, w1, w2, ct)
   for a, b in zip(got, want):
     assert_close(a, b, jnp.bfloat16)
-  with implementation("interpret") as im:  # row moves through the gather kernel: exact, so the same bits
-    moved = _fwd_and_grads(_routed(state, cfg, groups, row_tile=64, implementation=im, gather="pallas"), x, w1, w2,
-                           ct)
-  for a, b in zip(moved, got):
-    assert_bitwise_equal(a, b)
+  for gather in ("pallas", "pallas_tma"):  # row moves through the gather kernels: exact, so the same bits
+    with implementation("interpret") as im:
+      moved = _fwd_and_grads(_routed(state, cfg, groups, row_tile=64, implementation=im, gather=gather), x, w1, w2,
+                             ct)
+    for a, b in zip(moved, got):
+      assert_bitwise_equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -241,10 +242,11 @@ def test_pallas_equals_reference_gpu(E):
   assert_close(default, got[0], jnp.bfloat16)
   for a, b in zip(got, want):
     assert_close(a, b, jnp.bfloat16)
-  moved = _fwd_and_grads(jax.jit(_routed(state, cfg, groups, implementation="pallas", gather="pallas")), x, w1, w2,
-                         ct)
-  for a, b in zip(moved, got):  # the gather kernel moves rows exactly: same bits as the XLA moves
-    assert_bitwise_equal(a, b)
+  for gather in ("pallas", "pallas_tma"):  # the gather kernels move rows exactly: same bits as the XLA moves
+    moved = _fwd_and_grads(jax.jit(_routed(state, cfg, groups, implementation="pallas", gather=gather)), x, w1, w2,
+                           ct)
+    for a, b in zip(moved, got):
+      assert_bitwise_equal(a, b)
 
 
 @pytest.mark.gpu

@@ -117,9 +117,9 @@ def routed_ffn(x: jax.Array, w1_DxF: jax.Array, w2_FxD: jax.Array, state: rt.Rou
       ``"einsum"`` (padded batched GEMMs), ``"ragged_dot"`` (``jax.lax.ragged_dot``) or ``"xla"`` (the masked-dense
       reference: T x F work).
     gather: ``"pallas"`` path only: how tokens move into the group layout (the forward's ``x`` and the backward's
-      ``dOut``): ``"xla"`` (a ``jnp.take``, the default until the Pallas kernel is measured faster on the H100) or
-      ``"pallas"`` (:func:`jsparse.kernels.gather_rows.api.gather_rows`). Moves back to token order are always XLA
-      gathers, which XLA fuses into their consumers.
+      ``dOut``): ``"xla"`` (a ``jnp.take``, the default until a Pallas kernel is measured faster on the H100),
+      ``"pallas"`` or ``"pallas_tma"`` (:func:`jsparse.kernels.gather_rows.api.gather_rows`, Triton or Mosaic GPU
+      bulk-copy engine). Moves back to token order are always XLA gathers, which XLA fuses into their consumers.
 
   Returns:
     Array shaped like x.

@@ -96,10 +96,13 @@ def contiguous_order(groups_T: jax.Array, num_groups: int):
 # ----------------------------------------------------------------------------------------------------------------------
 # Row moves with gather-only gradients.
 
-GATHER_IMPLEMENTATIONS = ("xla", "pallas")
+# How rows move: XLA's gather, the Triton row-gather kernel, or the Mosaic GPU bulk-copy one.
+GATHER_IMPLEMENTATIONS = ("xla", "pallas", "pallas_tma")
 
 
 def _take_rows(x, rows, impl: str):
+  if impl == "pallas_tma":
+    return gather_api.gather_rows(x, rows, implementation="pallas", config=gather_api.TmaGatherConfig())
   return gather_api.gather_rows(x, rows, implementation=impl)
 
 
@@ -136,7 +139,8 @@ def _check_gather(gather: str) -> str:
 def to_padded(x_TxD: jax.Array, layout: GroupLayout, gather: str = "xla") -> jax.Array:
   """(P, D): tokens in layout order, zero rows for padding.
 
-  ``gather="pallas"`` moves the rows with the Pallas gather kernel; only the move *into* the layout does (here the
+  ``gather="pallas"`` / ``"pallas_tma"`` moves the rows with a Pallas gather kernel (Triton / Mosaic GPU bulk
+  copies); only the move *into* the layout does (here the
   forward; in :func:`from_padded` the gradient's): its consumer is a grouped-GEMM kernel anyway, while a move back to
   token order stays an XLA gather that XLA can fuse into its consumer (the residual add, the loss).
   """
