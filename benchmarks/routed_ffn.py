@@ -21,7 +21,8 @@ reported as ``relayout_ms``). A ``_rt64`` suffix on an ``ours*`` name (not run b
 instead of 128: half the padding per group and twice the row tiles, against smaller wgmma tiles (``row_tile`` in
 the record's config); a ``_pgather`` / ``_tgather`` suffix moves tokens into the group layout with the Pallas
 row-gather kernel, Triton / Mosaic GPU bulk-copy engine, instead of XLA's gather (``gather="pallas"`` /
-``"pallas_tma"``; ``gather`` in the config). Suffixes combine (``_rt64_pgather``).
+``"pallas_tma"``; ``gather`` in the config); a ``_snake`` suffix runs the weight-gradient GEMMs with
+``schedule="sorted_snake"`` (``dw_schedule`` in the config). Suffixes combine (``_rt64_pgather``).
 
 **Trained-like activations** (what the router sees): 64 latent "feature" directions u_k in R^D. Neuron f of W1 is
 ``u_{k(f)}`` plus Gaussian noise (each feature owns F/64 neurons, as co-activating neurons of a trained FFN do); token
@@ -112,7 +113,7 @@ def shape_setup(name, log):
   return _SHAPE_CACHE[name]
 
 
-VARIANT_SUFFIXES = ("_rt64", "_pgather", "_tgather")
+VARIANT_SUFFIXES = ("_rt64", "_pgather", "_tgather", "_snake")
 
 
 def _variant(impl: str) -> tuple[str, set[str]]:
@@ -128,6 +129,11 @@ def _variant(impl: str) -> tuple[str, set[str]]:
 def _gather(mods: set[str]) -> str | None:
   """The ``gather=`` a variant's modifiers ask for (None: the op's default)."""
   return "pallas_tma" if "tgather" in mods else ("pallas" if "pgather" in mods else None)
+
+
+def _tuning(mods: set[str]) -> dict:
+  """Grouped-GEMM overrides a variant's modifiers ask for (``_snake``: the weight gradients' sorted-snake order)."""
+  return {g: dict(schedule="sorted_snake") for g in ("dw1", "dw2")} if "snake" in mods else {}
 
 
 def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
@@ -187,7 +193,7 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
 
     for pass_name, fn in (("fwd", jax.jit(f)), ("fwd+bwd", fwd_bwd(f))):
       jobs.append((impl, pass_name, fn, (a1, a2)))
-  compiled = compile_all([(fn, (x, *ws)) for _, _, fn, ws in jobs])
+  compiled = compile_all([(fn, (x, *ws), _tuning(_variant(impl)[1])) for impl, _, fn, ws in jobs])
   times, outs = {}, {}
   for (impl, pass_name, _, (a1, a2)), fn in zip(jobs, compiled):
     base_impl, mods = _variant(impl)
@@ -210,6 +216,8 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
       conf["row_tile"] = 64
     if _gather(mods) is not None:
       conf["gather"] = _gather(mods)
+    if "snake" in mods:
+      conf["dw_schedule"] = "sorted_snake"
     conf["pass"] = conf.pop("pass_")
     extra = dict(info)
     if impl.startswith("ours") and ("einsum", pass_name) in times:
@@ -228,13 +236,15 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
 
 
 def compile_all(jobs, threads=8):
-  """AOT-compiles ``[(jitted fn, args)]``: traced and lowered here, XLA-compiled in parallel threads (the backend
+  """AOT-compiles ``[(jitted fn, args[, tuning])]``: traced and lowered here (under the job's
+  :func:`jsparse.kernels.grouped_matmul.api.tuning` overrides, if any), XLA-compiled in parallel threads (the backend
   compile releases the GIL; the benchmark's wall time is mostly compilation). Returns the compiled callables (or the
   exception of each failure), in order."""
   lowered = []
-  for fn, args in jobs:
+  for fn, args, *tune in jobs:
     try:
-      lowered.append(fn.lower(*args))
+      with gmm_api.tuning(**(tune[0] if tune else {})):  # read while tracing, the backward's GEMMs included
+        lowered.append(fn.lower(*args))
     except Exception as e:
       lowered.append(e)
 
