@@ -52,6 +52,17 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
+def mosaic_interpret_params(interpret: bool):
+  """``interpret=`` for ``plgpu.kernel``: Pallas' Mosaic GPU interpreter parameters, or None to compile."""
+  if not interpret:
+    return None
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  cls = getattr(plgpu, "InterpretGPUParams", None)  # exported from JAX 0.11
+  if cls is None:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls  # JAX 0.10
+  return cls()
+
+
 def pallas_runnable() -> bool:
   """Pallas GPU kernels can run here: on a CUDA GPU, or anywhere in interpret mode."""
   return interpret_enabled() or on_gpu()

@@ -21,6 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from jsparse.kernels import _common as common
+
 SMEM_BYTES = 227 * 1024  # per-CTA shared-memory limit on sm90
 
 
@@ -45,15 +47,6 @@ class TmaGatherConfig:
     while br > 1 and (P % br or br * row_bytes > SMEM_BYTES):
       br //= 2
     return dataclasses.replace(self, block_rows=br)
-
-
-def _interpret_params(interpret: bool):
-  if not interpret:
-    return None
-  cls = getattr(plgpu, "InterpretGPUParams", None)  # exported from JAX 0.11
-  if cls is None:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls  # JAX 0.10
-  return cls()
 
 
 def _bulk_copy_kwargs() -> dict:
@@ -100,6 +93,6 @@ def gather_rows(src_SxD: jax.Array, idx_P: jax.Array, *, config: TmaGatherConfig
       out_type=jax.ShapeDtypeStruct((P, D), dtype),
       grid=(P // br,),
       grid_names=("blocks",),
-      interpret=_interpret_params(interpret),
+      interpret=common.mosaic_interpret_params(interpret),
   )
   return kernel(idx_P.astype(jnp.int32), src_SxD)

@@ -34,6 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from jsparse.kernels import _common as common
+
 _MEMORY_REGISTERS = 40
 SCHEDULES = ("group_major", "sorted_snake")
 
@@ -94,15 +96,6 @@ class TileConfig:
   def cluster_tiles(self, m_iters: int, n_iters: int) -> tuple[int, int]:
     """(M, N) tile counts of the cluster-level loop (a cluster covers 2 adjacent tiles along ``cluster``)."""
     return (m_iters // 2 if self.cluster == "m" else m_iters), (n_iters // 2 if self.cluster == "n" else n_iters)
-
-
-def _interpret_params(interpret: bool):
-  if not interpret:
-    return None
-  cls = getattr(plgpu, "InterpretGPUParams", None)  # exported from JAX 0.11
-  if cls is None:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls  # JAX 0.10
-  return cls()
 
 
 def _num_sms(interpret: bool) -> int:
@@ -166,7 +159,7 @@ def _launch(body, out_shape, out_dtype, cfg: TileConfig, interpret: bool):
       grid=(_grid(cfg, interpret),),
       grid_names=("sm",),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=_interpret_params(interpret),
+      interpret=common.mosaic_interpret_params(interpret),
       **kwargs,
   )
 
