@@ -99,6 +99,16 @@ __device__ __forceinline__ void unpack8(const uint4& v, uint16_t (&x)[8]) {
   }
 }
 
+// The inverse of unpack8: eight 16-bit elements into one 16-byte word (element 0 in the low half of .x).
+__device__ __forceinline__ uint4 pack8(const uint16_t (&x)[8]) {
+  uint4 v;
+  v.x = x[0] | (uint32_t(x[1]) << 16);
+  v.y = x[2] | (uint32_t(x[3]) << 16);
+  v.z = x[4] | (uint32_t(x[5]) << 16);
+  v.w = x[6] | (uint32_t(x[7]) << 16);
+  return v;
+}
+
 // Selects and writes one thread's share of the output: rows r0 and r0 + 8 (r0 % 16 == rr < 8) of the sparse-A matrix,
 // columns c8 * 8 .. c8 * 8 + 7 (raw inputs a = row r0, b = row r0 + 8). Needs the whole warp (the metadata shuffle)
 // with lane ^ 2 holding the same rows and column chunk c8 ^ 2.
@@ -124,13 +134,8 @@ __device__ __forceinline__ void emit_pair(const uint16_t (&a)[8], const uint16_t
       db[j] = j == int(nb0 & 3) ? ob[0] : (j == int(nb0 >> 2) ? ob[1] : uint16_t(0));
       db[4 + j] = j == int(nb1 & 3) ? ob[2] : (j == int(nb1 >> 2) ? ob[3] : uint16_t(0));
     }
-    uint4 wa, wb;
-    wa.x = da[0] | (uint32_t(da[1]) << 16); wa.y = da[2] | (uint32_t(da[3]) << 16);
-    wa.z = da[4] | (uint32_t(da[5]) << 16); wa.w = da[6] | (uint32_t(da[7]) << 16);
-    wb.x = db[0] | (uint32_t(db[1]) << 16); wb.y = db[2] | (uint32_t(db[3]) << 16);
-    wb.z = db[4] | (uint32_t(db[5]) << 16); wb.w = db[6] | (uint32_t(db[7]) << 16);
-    *reinterpret_cast<uint4*>(dense_out + r0 * cols + c8 * 8) = wa;
-    *reinterpret_cast<uint4*>(dense_out + r1 * cols + c8 * 8) = wb;
+    *reinterpret_cast<uint4*>(dense_out + r0 * cols + c8 * 8) = pack8(da);
+    *reinterpret_cast<uint4*>(dense_out + r1 * cols + c8 * 8) = pack8(db);
     return;
   }
 
@@ -231,18 +236,8 @@ __global__ void __launch_bounds__(256) sparsify24_t_kernel(const uint16_t* __res
   const int64_t r0 = R0 + r0l;
   const int64_t c8 = (C0 >> 3) + c8l;
   const int s0 = slot[r0], s1 = slot[r0 + 8];
-  if (s0 >= 0) {
-    uint4 w;
-    w.x = a[0] | (uint32_t(a[1]) << 16); w.y = a[2] | (uint32_t(a[3]) << 16);
-    w.z = a[4] | (uint32_t(a[5]) << 16); w.w = a[6] | (uint32_t(a[7]) << 16);
-    *reinterpret_cast<uint4*>(dense_rows + int64_t(s0) * cols + c8 * 8) = w;
-  }
-  if (s1 >= 0) {
-    uint4 w;
-    w.x = b[0] | (uint32_t(b[1]) << 16); w.y = b[2] | (uint32_t(b[3]) << 16);
-    w.z = b[4] | (uint32_t(b[5]) << 16); w.w = b[6] | (uint32_t(b[7]) << 16);
-    *reinterpret_cast<uint4*>(dense_rows + int64_t(s1) * cols + c8 * 8) = w;
-  }
+  if (s0 >= 0) *reinterpret_cast<uint4*>(dense_rows + int64_t(s0) * cols + c8 * 8) = pack8(a);
+  if (s1 >= 0) *reinterpret_cast<uint4*>(dense_rows + int64_t(s1) * cols + c8 * 8) = pack8(b);
   emit_pair<T, kActNone, DENSE_OUT>(a, b, r0, rr, c8, cols, values, meta, dense_out);
 }
 
