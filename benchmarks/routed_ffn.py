@@ -22,7 +22,8 @@ instead of 128: half the padding per group and twice the row tiles, against smal
 the record's config); a ``_pgather`` / ``_tgather`` suffix moves tokens into the group layout with the Pallas
 row-gather kernel, Triton / Mosaic GPU bulk-copy engine, instead of XLA's gather (``gather="pallas"`` /
 ``"pallas_tma"``; ``gather`` in the config); a ``_snake`` suffix runs the weight-gradient GEMMs with
-``schedule="sorted_snake"`` (``dw_schedule`` in the config). Suffixes combine (``_rt64_pgather``).
+``schedule="sorted_snake"`` (``dw_schedule`` in the config); a ``_playout`` suffix builds the group layout with
+its Triton kernel (``layout="pallas"``; ``layout`` in the config). Suffixes combine (``_rt64_pgather``).
 
 **Trained-like activations** (what the router sees): 64 latent "feature" directions u_k in R^D. Neuron f of W1 is
 ``u_{k(f)}`` plus Gaussian noise (each feature owns F/64 neurons, as co-activating neurons of a trained FFN do); token
@@ -113,7 +114,7 @@ def shape_setup(name, log):
   return _SHAPE_CACHE[name]
 
 
-VARIANT_SUFFIXES = ("_rt64", "_pgather", "_tgather", "_snake")
+VARIANT_SUFFIXES = ("_rt64", "_pgather", "_tgather", "_snake", "_playout")
 
 
 def _variant(impl: str) -> tuple[str, set[str]]:
@@ -187,6 +188,8 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
       st, a1, a2 = settled, w1g, w2g
     if _gather(mods) is not None:
       kw["gather"] = _gather(mods)
+    if "playout" in mods:
+      kw["layout"] = "pallas"
 
     def f(x, w1, w2, kw=kw, st=st):
       return rf_api.routed_ffn(x, w1, w2, st, cfg, **{"row_tile": ROW_TILE, **kw})
@@ -218,6 +221,8 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
       conf["gather"] = _gather(mods)
     if "snake" in mods:
       conf["dw_schedule"] = "sorted_snake"
+    if "playout" in mods:
+      conf["layout"] = "pallas"
     conf["pass"] = conf.pop("pass_")
     extra = dict(info)
     if impl.startswith("ours") and ("einsum", pass_name) in times:
@@ -453,7 +458,10 @@ def sweep_pieces(name, E, out_records, log):
   pieces = {
       "route_tokens": (jax.jit(lambda a: rt.route_tokens(a, state, cfg)), (x,)),
       "make_layout": (jax.jit(lambda gr: lay.make_layout(gr, E, ROW_TILE)), (groups,)),
+      "make_layout_pallas": (jax.jit(lambda gr: lay.make_layout(gr, E, ROW_TILE, "pallas")), (groups,)),
       "to_padded": (jax.jit(lambda a: lay.to_padded(a, layout)), (x,)),
+      "to_padded_pallas": (jax.jit(lambda a: lay.to_padded(a, layout, "pallas")), (x,)),
+      "to_padded_pallas_tma": (jax.jit(lambda a: lay.to_padded(a, layout, "pallas_tma")), (x,)),
       "from_padded": (jax.jit(lambda a: lay.from_padded(a, layout)), (x_P,)),
       "copy_x_plus_1": (jax.jit(lambda a: a + 1), (x,)),
       "group_weights": (jax.jit(lambda a, b: rf_api.group_weights(a, b, state.perm_F)), (w1, w2)),
@@ -464,7 +472,7 @@ def sweep_pieces(name, E, out_records, log):
     except Exception as e:
       log(f"[pieces {name} E={E}] {pname} FAILED: {type(e).__name__}: {str(e)[:300]}")
       continue
-    out_records.append(dict(shape=name, E=E, gemm=pname, config="xla", ms=t))
+    out_records.append(dict(shape=name, E=E, gemm=pname, config="pallas" if "pallas" in pname else "xla", ms=t))
     log(f"[pieces {name} E={E}] {pname:14s} {t:7.3f} ms")
 
 

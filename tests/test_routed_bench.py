@@ -24,7 +24,7 @@ def test_records_compare_every_variant_with_einsum_in_the_original_neuron_order(
                       lambda gemm, *a: seen.append((gemm, config_fn(gemm, *a).schedule)) or config_fn(gemm, *a))
   records = []
   impls = ["einsum", "ours", "ours_grouped_weights", "ours_grouped_weights_rt64", "ours_grouped_weights_rt64_pgather",
-           "ours_grouped_weights_tgather_snake"]
+           "ours_grouped_weights_tgather_snake_playout"]
   with jsparse.pallas_interpret():
     bench.bench_config(tiny_shape, 2, records, impls, lambda msg: None, token_order_at=(2,))
   by_name = {(r["config"]["impl"], r["config"]["pass"]): r for r in records}
@@ -36,8 +36,8 @@ def test_records_compare_every_variant_with_einsum_in_the_original_neuron_order(
   assert by_name[("ours_grouped_weights_rt64_pgather", "fwd")]["config"]["gather"] == "pallas"
   assert by_name[("ours_grouped_weights_rt64_pgather", "fwd")]["config"]["row_tile"] == 64
   assert "gather" not in by_name[("ours_grouped_weights_rt64", "fwd")]["config"]
-  assert by_name[("ours_grouped_weights_tgather_snake", "fwd+bwd")]["config"]["gather"] == "pallas_tma"
-  assert by_name[("ours_grouped_weights_tgather_snake", "fwd+bwd")]["config"]["dw_schedule"] == "sorted_snake"
+  combined = by_name[("ours_grouped_weights_tgather_snake_playout", "fwd+bwd")]["config"]
+  assert (combined["gather"], combined["dw_schedule"], combined["layout"]) == ("pallas_tma", "sorted_snake", "pallas")
   assert bench._tuning({"snake"}) == {"dw1": dict(schedule="sorted_snake"), "dw2": dict(schedule="sorted_snake")}
   # The _snake variant's tuning was active while its backward was traced (once per dW GEMM), and only there.
   assert seen.count(("dw1", "sorted_snake")) == seen.count(("dw2", "sorted_snake")) == 1

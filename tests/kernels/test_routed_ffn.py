@@ -109,6 +109,36 @@ def test_vnm_option():
       assert_close(a, b, jnp.bfloat16)
 
 
+LAYOUT_FIELDS = ("pos_T", "row_token_P", "tile_group_R", "tile_start_E", "tiles_E", "counts_E")
+
+
+@pytest.mark.parametrize("impl", ["interpret", pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("T,E,row_tile", [(9, 4, 4), (72, 8, 8), (1000, 16, 128), (4096, 8, 128), (40, 1, 64),
+                                          (300, 2, 64), (16384, 8, 128)])
+def test_layout_kernel_equals_make_layout(impl, T, E, row_tile):
+  # Skewed groups with the last one empty (E > 2); T = 1000 and 300 make chunks of 8 and 4 tokens.
+  rng = np.random.default_rng(T)
+  p = np.arange(1, E + 1, dtype=np.float64) ** 2
+  if E > 2:
+    p[-1] = 0
+  groups = jnp.asarray(rng.choice(E, size=T, p=p / p.sum()), jnp.int32)
+  want = lay.make_layout(groups, E, row_tile)
+  with implementation(impl):
+    got = jax.jit(lambda g: lay.make_layout(g, E, row_tile, "pallas"))(groups)
+  assert (got.row_tile, got.num_groups, got.num_rows) == (want.row_tile, want.num_groups, want.num_rows)
+  for name in LAYOUT_FIELDS:
+    np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
+def test_layout_kernel_lowers_for_the_gpu_and_errors():
+  fn = jax.jit(lambda g: lay.make_layout(g, 8, 128, "pallas"))
+  with jsparse.pallas_interpret(False):
+    text = fn.trace(jax.ShapeDtypeStruct((16384,), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+  assert "xla.gpu.triton" in text
+  with pytest.raises(ValueError, match="make_layout: implementation must be one of"):
+    lay.make_layout(jnp.zeros((8,), jnp.int32), 2, 4, "triton")
+
+
 def test_layout_and_permutation_inverses():
   groups = jnp.array([2, 0, 2, 2, 3, 0, 2, 2, 2], jnp.int32)  # group 1 empty, group 2 spans two tiles
   T, P = 9, lay.padded_rows(9, 4, 4)
@@ -204,6 +234,10 @@ def test_bad_configs():
     call(gather="cuda")
   with pytest.raises(ValueError, match="grouped-GEMM path only"):
     call(gather="pallas", implementation="einsum")
+  with pytest.raises(ValueError, match="layout must be one of"):
+    call(layout="cuda")
+  with pytest.raises(ValueError, match="grouped-GEMM path only"):
+    call(layout="pallas", implementation="xla")
   with jsparse.pallas_interpret():
     with pytest.raises(ValueError, match="bfloat16/float16"):
       call(implementation="pallas")  # float32 activations
@@ -219,10 +253,11 @@ def test_interpret_twin():
     got = _fwd_and_grads(_routed(state, cfg, groups, row_tile=64, implementation=im), x, w1, w2, ct)
   for a, b in zip(got, want):
     assert_close(a, b, jnp.bfloat16)
-  for gather in ("pallas", "pallas_tma"):  # row moves through the gather kernels: exact, so the same bits
+  # Row moves through the gather kernels, the layout from its kernel: exact, so the same bits.
+  for gather, layout in (("pallas", "xla"), ("pallas_tma", "pallas")):
     with implementation("interpret") as im:
-      moved = _fwd_and_grads(_routed(state, cfg, groups, row_tile=64, implementation=im, gather=gather), x, w1, w2,
-                             ct)
+      moved = _fwd_and_grads(_routed(state, cfg, groups, row_tile=64, implementation=im, gather=gather,
+                                     layout=layout), x, w1, w2, ct)
     for a, b in zip(moved, got):
       assert_bitwise_equal(a, b)
 
@@ -242,9 +277,10 @@ def test_pallas_equals_reference_gpu(E):
   assert_close(default, got[0], jnp.bfloat16)
   for a, b in zip(got, want):
     assert_close(a, b, jnp.bfloat16)
-  for gather in ("pallas", "pallas_tma"):  # the gather kernels move rows exactly: same bits as the XLA moves
-    moved = _fwd_and_grads(jax.jit(_routed(state, cfg, groups, implementation="pallas", gather=gather)), x, w1, w2,
-                           ct)
+  # The gather kernels move rows exactly and the layout kernel builds the same layout: same bits as XLA's.
+  for gather, layout in (("pallas", "xla"), ("pallas_tma", "pallas")):
+    moved = _fwd_and_grads(jax.jit(_routed(state, cfg, groups, implementation="pallas", gather=gather,
+                                           layout=layout)), x, w1, w2, ct)
     for a, b in zip(moved, got):
       assert_bitwise_equal(a, b)
 

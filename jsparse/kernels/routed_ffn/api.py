@@ -92,7 +92,8 @@ def _resolve(op: str, implementation, ok: bool, why: str) -> str:
 def routed_ffn(x: jax.Array, w1_DxF: jax.Array, w2_FxD: jax.Array, state: rt.RouterState,
                config: rt.RouterConfig, *, groups: jax.Array | None = None,
                vnm: tuple[int, int, int] | None = None, row_tile: int = 128, capacity: int | None = None,
-               weights_grouped: bool = False, implementation: str | None = None, gather: str = "xla") -> jax.Array:
+               weights_grouped: bool = False, implementation: str | None = None, gather: str = "xla",
+               layout: str = "xla") -> jax.Array:
   """Routed squared-ReLU FFN: each token uses only its group's F/E neurons.
 
   ``out_t = relu(x_t @ W1[:, G])^2 @ W2[G, :]`` with ``G`` the neurons of the token's group (router state), i.e. the
@@ -120,14 +121,16 @@ def routed_ffn(x: jax.Array, w1_DxF: jax.Array, w2_FxD: jax.Array, state: rt.Rou
       ``dOut``): ``"xla"`` (a ``jnp.take``, the default until a Pallas kernel is measured faster on the H100),
       ``"pallas"`` or ``"pallas_tma"`` (:func:`jsparse.kernels.gather_rows.api.gather_rows`, Triton or Mosaic GPU
       bulk-copy engine). Moves back to token order are always XLA gathers, which XLA fuses into their consumers.
+    layout: ``"pallas"`` path only: how the group layout (rows of tokens, tile groups) is built: ``"xla"`` (small
+      XLA fusions, the default until the kernel is measured faster) or ``"pallas"`` (one Triton kernel).
 
   Returns:
     Array shaped like x.
 
   Raises:
     ValueError: bad shapes/dtypes, F not splitting into E groups of a multiple of ``config.block``, a state that does
-      not match, a bad vnm/capacity/row_tile/gather, vnm with ``"ragged_dot"``, or an explicit ``"pallas"`` that cannot
-      run.
+      not match, a bad vnm/capacity/row_tile/gather/layout, vnm with ``"ragged_dot"``, or an explicit ``"pallas"``
+      that cannot run.
   """
   op = "routed_ffn"
   common.check_floating(op, "x", x)
@@ -166,6 +169,10 @@ def routed_ffn(x: jax.Array, w1_DxF: jax.Array, w2_FxD: jax.Array, state: rt.Rou
     raise ValueError(f"{op}: gather must be one of {lay.GATHER_IMPLEMENTATIONS}, got {gather!r}")
   if gather != "xla" and impl != "pallas":
     raise ValueError(f"{op}: gather={gather!r} applies to the grouped-GEMM path only, not implementation={impl!r}")
+  if layout not in lay.LAYOUT_IMPLEMENTATIONS:
+    raise ValueError(f"{op}: layout must be one of {lay.LAYOUT_IMPLEMENTATIONS}, got {layout!r}")
+  if layout != "xla" and impl != "pallas":
+    raise ValueError(f"{op}: layout={layout!r} applies to the grouped-GEMM path only, not implementation={impl!r}")
 
   if impl == "xla":
     perm = jnp.arange(F, dtype=jnp.int32) if weights_grouped else state.perm_F
@@ -184,13 +191,14 @@ def routed_ffn(x: jax.Array, w1_DxF: jax.Array, w2_FxD: jax.Array, state: rt.Rou
   elif impl == "ragged_dot":
     out = baselines.routed_ffn_ragged(x_TxD, w1g, w2g, groups_T, E)
   else:
-    out = _grouped_path(x_TxD, w1g, w2g, groups_T, E, row_tile, vnm, "pallas", gather)
+    out = _grouped_path(x_TxD, w1g, w2g, groups_T, E, row_tile, vnm, "pallas", gather, layout)
   return out.reshape(x.shape)
 
 
-def _grouped_path(x_TxD, w1g_DxF, w2g_FxD, groups_T, num_groups, row_tile, vnm, gemm_impl, gather="xla"):
+def _grouped_path(x_TxD, w1g_DxF, w2g_FxD, groups_T, num_groups, row_tile, vnm, gemm_impl, gather="xla",
+                  layout_impl="xla"):
   """Layout, grouped GEMMs, back to token order (also run with the reference GEMMs by the tests)."""
-  layout = lay.make_layout(groups_T, num_groups, row_tile)
+  layout = lay.make_layout(groups_T, num_groups, row_tile, layout_impl)
   x_PxD = lay.to_padded(x_TxD, layout, gather)
   spec = grouped.GroupedSpec(num_groups, row_tile, vnm, gemm_impl)
   dtype = x_TxD.dtype

@@ -19,7 +19,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jsparse.kernels import _common as common
 from jsparse.kernels.gather_rows import api as gather_api
+from jsparse.kernels.routed_ffn import layout_pallas
 
 
 @jax.tree_util.register_dataclass
@@ -64,11 +66,24 @@ def _counting_sort(groups_T: jax.Array, num_groups: int):
   return rank_T, csum_TxE[-1]
 
 
-def make_layout(groups_T: jax.Array, num_groups: int, row_tile: int) -> GroupLayout:
-  """The padded layout of tokens routed to ``groups_T`` (int (T,), values in [0, num_groups))."""
+LAYOUT_IMPLEMENTATIONS = ("xla", "pallas")
+
+
+def make_layout(groups_T: jax.Array, num_groups: int, row_tile: int, implementation: str = "xla") -> GroupLayout:
+  """The padded layout of tokens routed to ``groups_T`` (int (T,), values in [0, num_groups)).
+
+  ``implementation="pallas"`` builds the same arrays in one Triton kernel (:mod:`layout_pallas`) instead of XLA's
+  handful of small fusions.
+  """
   T = groups_T.shape[0]
   E = num_groups
   groups_T = groups_T.astype(jnp.int32)
+  if implementation not in LAYOUT_IMPLEMENTATIONS:
+    raise ValueError(f"make_layout: implementation must be one of {LAYOUT_IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation == "pallas":
+    arrays = layout_pallas.make_layout_arrays(groups_T, E, row_tile, padded_rows(T, E, row_tile),
+                                              interpret=common.interpret_enabled())
+    return GroupLayout(*arrays, row_tile, E)
   rank_T, counts_E = _counting_sort(groups_T, E)
   tiles_E = (counts_E + row_tile - 1) // row_tile
   tile_end_E = jnp.cumsum(tiles_E)
