@@ -23,7 +23,9 @@ the record's config); a ``_pgather`` / ``_tgather`` suffix moves tokens into the
 row-gather kernel, Triton / Mosaic GPU bulk-copy engine, instead of XLA's gather (``gather="pallas"`` /
 ``"pallas_tma"``; ``gather`` in the config); a ``_snake`` suffix runs the weight-gradient GEMMs with
 ``schedule="sorted_snake"`` (``dw_schedule`` in the config); a ``_playout`` suffix builds the group layout with
-its Triton kernel (``layout="pallas"``; ``layout`` in the config). Suffixes combine (``_rt64_pgather``).
+its Triton kernel (``layout="pallas"``; ``layout`` in the config); a ``_wgm`` suffix runs every grouped GEMM with
+its two compute warpgroups split along M (``wg_split="m"``, 64 x 256 each; ``wg_split`` in the config). Suffixes
+combine (``_rt64_pgather``).
 
 **Trained-like activations** (what the router sees): 64 latent "feature" directions u_k in R^D. Neuron f of W1 is
 ``u_{k(f)}`` plus Gaussian noise (each feature owns F/64 neurons, as co-activating neurons of a trained FFN do); token
@@ -114,7 +116,7 @@ def shape_setup(name, log):
   return _SHAPE_CACHE[name]
 
 
-VARIANT_SUFFIXES = ("_rt64", "_pgather", "_tgather", "_snake", "_playout")
+VARIANT_SUFFIXES = ("_rt64", "_pgather", "_tgather", "_snake", "_playout", "_wgm")
 
 
 def _variant(impl: str) -> tuple[str, set[str]]:
@@ -133,8 +135,15 @@ def _gather(mods: set[str]) -> str | None:
 
 
 def _tuning(mods: set[str]) -> dict:
-  """Grouped-GEMM overrides a variant's modifiers ask for (``_snake``: the weight gradients' sorted-snake order)."""
-  return {g: dict(schedule="sorted_snake") for g in ("dw1", "dw2")} if "snake" in mods else {}
+  """Grouped-GEMM overrides a variant's modifiers ask for (``_snake``: the weight gradients' sorted-snake order;
+  ``_wgm``: every GEMM's warpgroups split along M)."""
+  tune = {g: {} for g in SWEEP_GEMMS}
+  for g in SWEEP_GEMMS:
+    if "snake" in mods and g in ("dw1", "dw2"):
+      tune[g]["schedule"] = "sorted_snake"
+    if "wgm" in mods:
+      tune[g]["wg_split"] = "m"
+  return {g: f for g, f in tune.items() if f}
 
 
 def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
@@ -223,6 +232,8 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
       conf["dw_schedule"] = "sorted_snake"
     if "playout" in mods:
       conf["layout"] = "pallas"
+    if "wgm" in mods:
+      conf["wg_split"] = "m"
     conf["pass"] = conf.pop("pass_")
     extra = dict(info)
     if impl.startswith("ours") and ("einsum", pass_name) in times:
@@ -282,10 +293,13 @@ SWEEP_FIELDS = {
     "n64": dict(tile_n=64),
     "n64cl": dict(tile_n=64, cluster="auto"),
     "cln": dict(cluster="n"),
+    "wgm": dict(wg_split="m"),
+    "wgmf1": dict(wg_split="m", mma_in_flight=1),
+    "wgmcl": dict(wg_split="m", cluster="auto"),
 }
 SWEEP_ONLY = {"n64": ("up", "dh"), "n64cl": ("up", "dh"), "cln": ("dw1", "dw2")}
 # Second stage: the best single change of each category that beats the base, combined.
-SWEEP_CATEGORIES = (("f1", "cl", "clf1", "cln"), ("m0", "w8", "m0w8"), ("s3", "n64", "n64cl"))
+SWEEP_CATEGORIES = (("f1", "cl", "clf1", "cln"), ("m0", "w8", "m0w8"), ("s3", "n64", "n64cl", "wgm", "wgmf1", "wgmcl"))
 SWEEP_GEMMS = ("up", "down", "dh", "dx", "dw1", "dw2")
 # Whole-op tuning variants (--op-variants): single changes the GEMM sweep found faster in isolation.
 OP_VARIANTS = {
@@ -295,6 +309,10 @@ OP_VARIANTS = {
     "f1_all": {g: dict(mma_in_flight=1) for g in SWEEP_GEMMS},
     "n64_up_dh": dict(up=dict(tile_n=64), dh=dict(tile_n=64)),
     "cl_dw": dict(dw1=dict(cluster="m"), dw2=dict(cluster="m")),
+    "wgm_all": {g: dict(wg_split="m") for g in SWEEP_GEMMS},
+    "wgm_all_snake": {g: dict(wg_split="m", **(dict(schedule="sorted_snake") if g.startswith("dw") else {}))
+                      for g in SWEEP_GEMMS},
+    "snake": {g: dict(schedule="sorted_snake") for g in ("dw1", "dw2")},
 }
 
 

@@ -18,13 +18,18 @@ def tiny_shape(monkeypatch):
 
 
 def test_records_compare_every_variant_with_einsum_in_the_original_neuron_order(tiny_shape, monkeypatch):
-  seen = []  # (gemm, schedule) of every grouped-GEMM config built while tracing, the backward's included
+  seen = []  # (gemm, schedule, wg_split) of every grouped-GEMM config built while tracing, the backward's included
   config_fn = bench.gmm_api.kernel_config
-  monkeypatch.setattr(bench.gmm_api, "kernel_config",
-                      lambda gemm, *a: seen.append((gemm, config_fn(gemm, *a).schedule)) or config_fn(gemm, *a))
+
+  def spy(gemm, *a):
+    cfg = config_fn(gemm, *a)
+    seen.append((gemm, cfg.schedule, cfg.wg_split))
+    return cfg
+
+  monkeypatch.setattr(bench.gmm_api, "kernel_config", spy)
   records = []
   impls = ["einsum", "ours", "ours_grouped_weights", "ours_grouped_weights_rt64", "ours_grouped_weights_rt64_pgather",
-           "ours_grouped_weights_tgather_snake_playout"]
+           "ours_grouped_weights_tgather_snake_playout", "ours_grouped_weights_wgm"]
   with jsparse.pallas_interpret():
     bench.bench_config(tiny_shape, 2, records, impls, lambda msg: None, token_order_at=(2,))
   by_name = {(r["config"]["impl"], r["config"]["pass"]): r for r in records}
@@ -40,7 +45,10 @@ def test_records_compare_every_variant_with_einsum_in_the_original_neuron_order(
   assert (combined["gather"], combined["dw_schedule"], combined["layout"]) == ("pallas_tma", "sorted_snake", "pallas")
   assert bench._tuning({"snake"}) == {"dw1": dict(schedule="sorted_snake"), "dw2": dict(schedule="sorted_snake")}
   # The _snake variant's tuning was active while its backward was traced (once per dW GEMM), and only there.
-  assert seen.count(("dw1", "sorted_snake")) == seen.count(("dw2", "sorted_snake")) == 1
-  assert ("dw1", "group_major") in seen
+  assert seen.count(("dw1", "sorted_snake", "n")) == seen.count(("dw2", "sorted_snake", "n")) == 1
+  assert ("dw1", "group_major", "n") in seen
+  # _wgm: all six GEMMs of its fwd+bwd (and the two of its fwd) split along M.
+  assert sum(1 for _, _, split in seen if split == "m") == 8
+  assert by_name[("ours_grouped_weights_wgm", "fwd")]["config"]["wg_split"] == "m"
   assert bench._variant("ours_grouped_weights_pgather_rt64") == ("ours_grouped_weights", {"rt64", "pgather"})
   assert bench._variant("einsum") == ("einsum", set())

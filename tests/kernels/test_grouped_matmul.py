@@ -131,11 +131,65 @@ def test_kernel_interpret(group_axis, epilogue):
   assert_close(got, want)
 
 
+@pytest.mark.parametrize("group_axis,epilogue", [("n", "square_relu"), ("k", "square_relu_grad")])
+def test_kernel_interpret_warpgroups_split_m(group_axis, epilogue):
+  # wg_split="m": the two compute warpgroups take the top and bottom 64 rows of a 128-row tile, each all columns.
+  lhs, rhs, tg, aux = _case(group_axis, False, epilogue, row_tile=128, K=64, N=256)
+  gemm = "up" if group_axis == "n" else "down"
+  with implementation("interpret") as im, gmm_api.tuning(**{gemm: dict(wg_split="m")}):
+    assert gmm_api.kernel_config(gemm, 128, lhs.shape[0], 256).cta_n == 256
+    got = jsparse.grouped_matmul(lhs, rhs, tg, num_groups=3, group_axis=group_axis, epilogue=epilogue, aux_PxN=aux,
+                                 implementation=im)
+  want = ref.grouped_matmul(lhs, rhs, tg, num_groups=3, group_axis=group_axis, transpose_rhs=False,
+                            epilogue=epilogue, aux_PxN=aux)
+  assert_close(got, want)
+
+
+def test_warpgroup_split_config():
+  cfg = gmm_pallas.TileConfig(tile_n=256, wg_split="m")
+  assert (cfg.cta_n, cfg.wg_tile) == (256, (64, 256))
+  assert (gmm_pallas.TileConfig().cta_n, gmm_pallas.TileConfig().wg_tile) == (256, (128, 128))
+  with gmm_api.tuning(dw1=dict(wg_split="m")):
+    assert gmm_api.kernel_config("dw1", 128, 4096, 1792).tile_n == 256
+    assert gmm_api.kernel_config("dw1", 128, 4096, 896).tile_n == 128  # F/E = 896 at 7b, E=16
+  with gmm_api.tuning(up=dict(wg_split="m")):
+    assert gmm_api.kernel_config("up", 64, 4096, 1792).wg_split == "n"  # 64-row tiles: no m64 halves
+  with pytest.raises(ValueError, match="wg_split must be"):
+    gmm_pallas.TileConfig(wg_split="k")
+  with pytest.raises(ValueError, match="needs the warp-specialised engine"):
+    gmm_pallas.TileConfig(wg_split="m", warp_specialized=False)
+  with pytest.raises(ValueError, match="tile_m a multiple of 128"):
+    gmm_pallas.TileConfig(tile_m=64, wg_split="m")
+
+
+def test_kernels_lower_for_the_gpu_with_either_split():
+  # All but the fused squared-ReLU-derivative GEMM (its sqrt has no warpgroup lowering in JAX 0.10; it compiles on
+  # the GPU machine's 0.11): the GPU lowering runs on the CPU, for both warpgroup splits.
+  S, bf, E, P = jax.ShapeDtypeStruct, jnp.bfloat16, 4, 128 * 10
+  tg, e = S((10,), jnp.int32), S((E,), jnp.int32)
+  for cfg in (gmm_pallas.TileConfig(), gmm_pallas.TileConfig(tile_n=256, wg_split="m"),
+              gmm_pallas.TileConfig(tile_n=256, wg_split="m", cluster="n", mma_in_flight=1)):
+    fns = [
+        (lambda x, w, t: gmm_pallas.grouped_matmul(x, w, t, num_groups=E, group_axis="n", transpose_rhs=False,
+                                                   epilogue="square_relu", cfg=cfg), (S((P, 512), bf),
+                                                                                      S((512, E * 512), bf), tg)),
+        (lambda d, w, t: gmm_pallas.grouped_matmul(d, w, t, num_groups=E, group_axis="k", transpose_rhs=True,
+                                                   epilogue=None, cfg=cfg), (S((P, 512), bf), S((512, E * 512), bf),
+                                                                             tg)),
+        (lambda a, b, s, t: gmm_pallas.grouped_matmul_t(a, b, s, t, row_tile=128, group_axis="m", cfg=cfg),
+         (S((P, 512), bf), S((P, 512), bf), e, e)),
+    ]
+    for fn, args in fns:
+      assert "mosaic_gpu" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 ENGINES = {"base": gmm_pallas.TileConfig(), "n64": gmm_pallas.TileConfig(tile_n=64),
            "static": gmm_pallas.TileConfig(dynamic_grid=False), "simple": gmm_pallas.TileConfig(warp_specialized=False),
            "f1m0": gmm_pallas.TileConfig(mma_in_flight=1, grid_minor_dim=0),
            "clnf1": gmm_pallas.TileConfig(cluster="n", mma_in_flight=1), "clm": gmm_pallas.TileConfig(cluster="m"),
-           "snake": gmm_pallas.TileConfig(schedule="sorted_snake")}
+           "snake": gmm_pallas.TileConfig(schedule="sorted_snake"),
+           "wgm": gmm_pallas.TileConfig(tile_n=256, wg_split="m"),
+           "wgmf1cln": gmm_pallas.TileConfig(tile_n=256, wg_split="m", mma_in_flight=1, cluster="n")}
 
 
 @pytest.mark.parametrize("n_tiles,ctas", [(1792, 132), (512, 132), (264, 132), (133, 132), (7, 3), (5, 8), (1, 1)])

@@ -57,7 +57,8 @@ def tuning(**per_gemm: dict):
 def kernel_config(gemm: str, tile_m: int, m: int, n: int) -> gmm_pallas.TileConfig:
   """The tile configuration of one GEMM: output tiles ``tile_m`` x ``cta_n`` over an (m, n) output.
 
-  Two warpgroups of 128 columns where n allows it, else of 64. Measured on an H100 (benchmarks/routed_ffn.py
+  Two warpgroups of 128 columns where n allows it, else of 64 (with ``wg_split="m"``: one CTA width of 256 columns,
+  halved until it divides n). Measured on an H100 (benchmarks/routed_ffn.py
   --sweep, T=16384, D=2048, F=8192, E=8): 128-column warpgroups run the six grouped GEMMs at 420-620 TF/s, 64-column
   ones at 280-555 TF/s, the single-warpgroup engine at 270-550 TF/s. Then the per-GEMM fields of ``TUNED`` (and any
   :func:`tuning` override); a cluster that does not divide the tile grid is dropped.
@@ -65,9 +66,16 @@ def kernel_config(gemm: str, tile_m: int, m: int, n: int) -> gmm_pallas.TileConf
   fields = dict(TUNED[gemm])
   for o in _overrides:
     fields.update(o.get(gemm, {}))
-  fields.setdefault("tile_n", 128 if n % 256 == 0 else 64)
-  if n % (2 * fields["tile_n"]):
-    fields["tile_n"] = 64  # a tuned width that does not divide this output (e.g. F/E = 896)
+  if fields.get("wg_split") == "m" and tile_m % 128:
+    fields["wg_split"] = "n"  # two m64 halves need 128-row tiles (row_tile=64 keeps the side-by-side split)
+  if fields.get("wg_split") == "m":  # warpgroups one above the other: the CTA is tile_n wide
+    fields.setdefault("tile_n", 256)
+    while n % fields["tile_n"] and fields["tile_n"] > 64:
+      fields["tile_n"] //= 2  # a tuned width that does not divide this output (e.g. F/E = 896)
+  else:
+    fields.setdefault("tile_n", 128 if n % 256 == 0 else 64)
+    if n % (2 * fields["tile_n"]):
+      fields["tile_n"] = 64  # a tuned width that does not divide this output (e.g. F/E = 896)
   cfg = gmm_pallas.TileConfig(tile_m=tile_m, **fields)
   if cfg.cluster is not None:
     iters = m // cfg.tile_m if cfg.cluster == "m" else n // cfg.cta_n

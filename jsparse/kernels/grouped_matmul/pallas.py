@@ -44,9 +44,14 @@ SCHEDULES = ("group_major", "sorted_snake")
 class TileConfig:
   """Static tile shape of one kernel call.
 
-  A CTA computes ``tile_m x cta_n`` outputs (``cta_n = 2 tile_n`` with two compute warpgroups when
-  ``warp_specialized``), ``tile_k`` deep per pipeline stage, ``stages`` stages in flight. For ``grouped_matmul``
-  ``tile_m`` is also the row alignment of the group layout (``row_tile``).
+  A CTA computes ``tile_m x cta_n`` outputs, ``tile_k`` deep per pipeline stage, ``stages`` stages in flight. For
+  ``grouped_matmul`` ``tile_m`` is also the row alignment of the group layout (``row_tile``). With two compute
+  warpgroups (``warp_specialized``) ``wg_split`` says how they share the CTA tile: ``"n"`` side by side
+  (``cta_n = 2 tile_n``, each warpgroup ``tile_m x tile_n``, two m64 wgmmas per k-step that each read the B slice) or
+  ``"m"`` one above the other (``cta_n = tile_n``, each warpgroup ``tile_m/2 x tile_n``: with ``tile_n=256`` one
+  m64n256 wgmma per k-step, CUTLASS's "cooperative" split; B is read from SMEM once per warpgroup instead of twice,
+  which for a 128 x 256 CTA tile cuts the wgmma operand reads per k-step from 96 to 80 KiB next to the 48 KiB that
+  TMA writes, against the SM's ~128 B/cycle of shared-memory bandwidth).
   """
 
   tile_m: int = 128
@@ -70,8 +75,15 @@ class TileConfig:
   # draws a small one in the next (modelled at 7b, E=8 with trained-like routing: the busiest CTA's k-steps drop
   # from 10% to 4% over the mean; at 1b from 36% to 24%).
   schedule: str = "group_major"
+  wg_split: str = "n"
 
   def __post_init__(self):
+    if self.wg_split not in ("n", "m"):
+      raise ValueError(f"TileConfig: wg_split must be 'n' or 'm', got {self.wg_split!r}")
+    if self.wg_split == "m" and not self.warp_specialized:
+      raise ValueError("TileConfig: wg_split='m' needs the warp-specialised engine (two compute warpgroups)")
+    if self.wg_split == "m" and self.tile_m % 128:
+      raise ValueError(f"TileConfig: wg_split='m' needs tile_m a multiple of 128 (two m64 halves), got {self.tile_m}")
     if self.schedule not in SCHEDULES:
       raise ValueError(f"TileConfig: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
     if self.cluster not in (None, "m", "n"):
@@ -87,7 +99,14 @@ class TileConfig:
 
   @property
   def cta_n(self) -> int:
-    return self.compute_wgs * self.tile_n
+    return self.tile_n if self.wg_split == "m" else self.compute_wgs * self.tile_n
+
+  @property
+  def wg_tile(self) -> tuple[int, int]:
+    """(rows, columns) of the output one compute warpgroup accumulates."""
+    if self.wg_split == "m" and self.warp_specialized:
+      return self.tile_m // self.compute_wgs, self.tile_n
+    return self.tile_m, self.tile_n
 
   @property
   def cluster_size(self) -> int:
@@ -139,6 +158,13 @@ def _cluster_position(cfg: TileConfig, mc, nc):
   return (mc * 2 + cta, nc) if cfg.cluster == "m" else (mc, nc * 2 + cta)
 
 
+def _slice(ref, idx, axis: int):
+  """``ref`` sliced along ``axis`` (2-D), or ``ref`` itself for a full slice (no extra view on the wgmma operand)."""
+  if isinstance(idx, slice) and idx == slice(None):
+    return ref
+  return ref.at[idx] if axis == 0 else ref.at[:, idx]
+
+
 def _epilogue_math(acc, epilogue, out_dtype):
   if epilogue == "square_relu":
     acc = jnp.square(jnp.maximum(acc, 0.0))
@@ -170,12 +196,13 @@ def _launch(body, out_shape, out_dtype, cfg: TileConfig, interpret: bool):
 # result is kept (``None``: always; else a bool scalar, False stores zeros); with ``cfg.cluster`` the two CTAs of a
 # cluster get tiles adjacent along that axis and the same pipeline length, and the operand they share (A for "n", B
 # for "m") is multicast: each CTA loads half of it;
-# ``operands(a_smem, b_smem, cols) -> (a, b)`` are the wgmma operands for the compute warpgroup owning ``cols``.
+# ``operands(a_smem, b_smem, rows, cols) -> (a, b)`` are the wgmma operands for the compute warpgroup owning output
+# ``rows`` x ``cols`` of the CTA tile (slices of the A block's rows and the B block's columns).
 
 
 def _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, tile_fn, operands, cfg, epilogue):
   dtype, out_dtype = a_gmem.dtype, out_gmem.dtype
-  tm, tn = cfg.tile_m, cfg.tile_n
+  tm, tn = cfg.wg_tile
   wgs = cfg.compute_wgs
   slots = min(2, (tm // cfg.epi_tile_m) * (tn // cfg.epi_tile_n))
 
@@ -205,14 +232,17 @@ def _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, ti
   @functools.partial(pl.run_scoped, **scratch, collective_axes="wg")
   def _scope(pipeline_allocs, out_smem, aux_barrier):
     wg_idx = lax.axis_index("wg")
-    cols = pl.ds(wg_idx * tn, tn)
+    if cfg.wg_split == "m":
+      rows, cols = pl.ds(wg_idx * tm, tm), slice(None)
+    else:
+      rows, cols = slice(None), pl.ds(wg_idx * tn, tn)
 
     @plgpu.nd_loop((n_tiles,), collective_axes="sm")
     def _tile_loop(loop_info):
       (lin,) = loop_info.index
       steps, a_map, b_map, out_rows, out_cols, keep = tile_fn(lin)
-      out_tile = out_gmem.at[out_rows, out_cols].at[:, cols]
-      aux_tile = aux_gmem.at[out_rows, out_cols].at[:, cols] if aux_gmem is not None else None
+      out_tile = out_gmem.at[out_rows, out_cols].at[rows, cols]
+      aux_tile = aux_gmem.at[out_rows, out_cols].at[rows, cols] if aux_gmem is not None else None
 
       def compute_context(eval_pipeline):
         @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
@@ -239,7 +269,7 @@ def _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, ti
               plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, slot], out_tile.at[ms, ns])
 
       def mma(_, a_smem, b_smem, acc_ref):
-        plgpu.wgmma(acc_ref, *operands(a_smem, b_smem, cols))
+        plgpu.wgmma(acc_ref, *operands(a_smem, b_smem, rows, cols))
         # With a stage released one step late (delay_release), the previous group may still be in flight.
         plgpu.wgmma_wait(cfg.mma_in_flight)
         return acc_ref
@@ -252,7 +282,7 @@ def _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, ti
 def _run_simple(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, tile_fn, operands, cfg, epilogue):
   dtype, out_dtype = a_gmem.dtype, out_gmem.dtype
   tm, tn = cfg.tile_m, cfg.tile_n
-  cols = slice(None)
+  rows = cols = slice(None)
 
   @plgpu.nd_loop((n_tiles,), collective_axes="sm")
   def _tile_loop(loop_info):
@@ -261,7 +291,7 @@ def _run_simple(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block
 
     def acc_scope(acc_ref):
       plgpu.emit_pipeline(
-          lambda _, a_smem, b_smem: plgpu.wgmma(acc_ref, *operands(a_smem, b_smem, cols)),
+          lambda _, a_smem, b_smem: plgpu.wgmma(acc_ref, *operands(a_smem, b_smem, rows, cols)),
           grid=(steps,),
           in_specs=[
               plgpu.BlockSpec(a_block, a_map, transforms=_transforms(dtype, a_block[1]), delay_release=1),
@@ -335,10 +365,10 @@ def grouped_matmul(lhs_PxK, rhs, tile_group_R, aux_PxN=None, *, num_groups: int,
         b_map = (lambda k: (n_idx, kb + k)) if transpose_rhs else (lambda k: (kb + k, n_idx))
       return steps, (lambda k: (m_idx, k)), b_map, pl.ds(m_idx * tm, tm), pl.ds(n_idx * cta_n, cta_n), keep
 
-    def operands(a_smem, b_smem, cols):
+    def operands(a_smem, b_smem, rows, cols):
       if transpose_rhs:
-        return a_smem, b_smem.at[cols, :].transpose((1, 0))
-      return a_smem, b_smem.at[:, cols]
+        return _slice(a_smem, rows, 0), b_smem.at[cols, :].transpose((1, 0))
+      return _slice(a_smem, rows, 0), b_smem.at[:, cols]
 
     _run(a_gmem, b_gmem, out_gmem, aux_gmem, n_tiles=mc_iters * nc_iters, a_block=(tm, tk), b_block=b_block,
          tile_fn=tile_fn, operands=operands, cfg=cfg, epilogue=epilogue)
@@ -405,8 +435,8 @@ def grouped_matmul_t(lhs_PxM, rhs_PxN, group_tile_start_E, group_tiles_E, *, row
         rows, out_cols = pl.ds((g * m_iters + m_idx) * tm, tm), pl.ds(n_idx * cta_n, cta_n)
       return steps, (lambda k: (kb + k, m_idx)), (lambda k: (kb + k, n_idx)), rows, out_cols, None
 
-    def operands(a_smem, b_smem, cols):
-      return a_smem.transpose((1, 0)), b_smem.at[:, cols]
+    def operands(a_smem, b_smem, rows, cols):
+      return _slice(a_smem, rows, 1).transpose((1, 0)), b_smem.at[:, cols]
 
     _run(a_gmem, b_gmem, out_gmem, None, n_tiles=n_tiles, a_block=(tk, tm), b_block=(tk, cta_n),
          tile_fn=tile_fn, operands=operands, cfg=cfg, epilogue=None)
