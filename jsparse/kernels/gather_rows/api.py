@@ -27,7 +27,7 @@ def _support(src, D: int, config) -> tuple[bool, str]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _gather(src_SxD, idx_P, impl: str, config: GatherConfig):
+def _gather(src_SxD, idx_P, impl: str, config: GatherConfig | TmaGatherConfig):
   if impl == "pallas":
     engine = tma if isinstance(config, TmaGatherConfig) else kernel
     return engine.gather_rows(src_SxD, idx_P, config=config, interpret=common.interpret_enabled())
