@@ -3,16 +3,17 @@
 XLA builds the layout from a handful of small fusions (the one-hot cumulative sum, the counts, the tile starts, the
 positions, the scatter of token ids and its initialising broadcast, the tile groups): eight kernels of 1-3 us each at
 T=16384, E=8 on the H100, plus a launch gap after each. All of it is a few hundred kilobytes of integers, so one
-program does it in three sweeps over ``chunk`` tokens or rows at a time:
+program does it, a whole chunk of tokens (up to ``MAX_CHUNK``: all of them at T=16384) per step, with the E groups
+unrolled (E vector compares, sums and cumulative sums over the chunk instead of a (chunk, E) one-hot matrix):
 
-1. per-group counts -> tiles, tile starts (a cumulative sum over E lanes);
-2. each token's rank in its group (a running per-group count plus a cumulative sum down the chunk's one-hot rows),
-   its row ``pos_T`` and the scatter ``row_token_P[pos] = t``;
-3. every row that no token lands on (a group's padding, the unused tail) gets the padding id ``T``, and every row tile
-   its group: rows the scatter writes and rows this sweep writes are disjoint, so no ordering between the two is
-   needed.
+1. per-group counts -> tiles, tile starts;
+2. each token's rank in its group (the group's cumulative sum down the chunk plus the count in earlier chunks), its
+   row ``pos_T`` and the scatter ``row_token_P[pos] = t``;
+3. every row that no token lands on (a group's padding, the unused tail) gets the padding id ``T``, and every row
+   tile its group: rows the scatter writes and rows this sweep writes are disjoint, so the two need no ordering.
 
-Per-group values are picked with one-hot sums (no vector gathers). Output equals :func:`layout.make_layout` exactly.
+A step's only global read is its chunk of group ids, so at T=16384 the kernel waits for memory twice (one load per
+sweep), where a loop over small chunks would wait once per chunk. Output equals :func:`layout.make_layout` exactly.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-try:  # Triton-specific masked load/store; absent only in JAX builds without the Triton backend.
+try:  # Triton-specific masked store; absent only in JAX builds without the Triton backend.
   from jax.experimental.pallas import triton as pltriton
 except ImportError:  # pragma: no cover
   pltriton = None
 
-MAX_CHUNK = 2048
+MAX_CHUNK = 16384
 
 
-def _chunk(n: int) -> int:
-  """Largest power of two <= MAX_CHUNK dividing n (chunks never cross the end)."""
-  c = MAX_CHUNK
+def _chunk(n: int, limit: int = MAX_CHUNK) -> int:
+  """Largest power of two <= limit dividing n (chunks never cross the end)."""
+  c = limit
   while n % c:
     c //= 2
   return c
@@ -46,75 +47,79 @@ def _pow2(n: int) -> int:
   return p
 
 
+def _iota(n: int):
+  return jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
 def _layout_kernel(groups_ref, pos_ref, row_token_ref, tile_group_ref, tile_start_ref, tiles_ref, counts_ref, *,
-                   T: int, E: int, Ep: int, rt: int, P: int, R: int):
-  lanes_E = jax.lax.broadcasted_iota(jnp.int32, (1, Ep), 1)
-  real_E = lanes_E < E
+                   T: int, E: int, rt: int, P: int, R: int, ct: int, cp: int, cr: int):
+  groups = range(E)
 
-  def onehot(g_C):
-    return (g_C[:, None] == lanes_E).astype(jnp.int32)
-
-  def pick(onehot_CxE, values_E):
-    return jnp.sum(onehot_CxE * values_E, axis=1)
-
-  # 1. counts, tiles, tile starts and ends.
-  ct, cp, cr = _chunk(T), _chunk(P), _chunk(R)
-
+  # 1. counts (E scalars), tiles, tile starts and ends.
   def count_body(i, counts):
     g = groups_ref[pl.ds(pl.multiple_of(i * ct, ct), ct)]
-    return counts + jnp.sum(onehot(g), axis=0, keepdims=True)
+    return tuple(c + jnp.sum((g == e).astype(jnp.int32)) for e, c in zip(groups, counts))
 
-  counts = jax.lax.fori_loop(0, T // ct, count_body, jnp.zeros((1, Ep), jnp.int32))
-  tiles = (counts + rt - 1) // rt
-  tile_end = jnp.cumsum(tiles, axis=1)
-  tile_start = tile_end - tiles
-  start_row = tile_start * rt
+  counts = jax.lax.fori_loop(0, T // ct, count_body, tuple(jnp.int32(0) for _ in groups))
+  tiles = [(c + rt - 1) // rt for c in counts]
+  tile_end, total = [], jnp.int32(0)
+  for t in tiles:
+    total = total + t
+    tile_end.append(total)
+  tile_start = [end - t for end, t in zip(tile_end, tiles)]
 
   # 2. ranks, positions, token ids scattered to their rows.
   def rank_body(i, seen):
     t0 = pl.multiple_of(i * ct, ct)
-    oh = onehot(groups_ref[pl.ds(t0, ct)])
-    rank = pick(oh, jnp.cumsum(oh, axis=0) - 1 + seen)
-    pos = pick(oh, start_row) + rank
+    g = groups_ref[pl.ds(t0, ct)]
+    pos = jnp.zeros((ct,), jnp.int32)
+    new_seen = []
+    for e in groups:
+      mine = (g == e).astype(jnp.int32)
+      pos = pos + mine * (tile_start[e] * rt + seen[e] + jnp.cumsum(mine) - 1)
+      new_seen.append(seen[e] + jnp.sum(mine))
     pos_ref[pl.ds(t0, ct)] = pos
-    pltriton.store(row_token_ref.at[pos], t0 + jax.lax.broadcasted_iota(jnp.int32, (ct,), 0))
-    return seen + jnp.sum(oh, axis=0, keepdims=True)
+    pltriton.store(row_token_ref.at[pos], t0 + _iota(ct))
+    return tuple(new_seen)
 
-  jax.lax.fori_loop(0, T // ct, rank_body, jnp.zeros((1, Ep), jnp.int32))
+  jax.lax.fori_loop(0, T // ct, rank_body, tuple(jnp.int32(0) for _ in groups))
 
-  def group_of_tile(r_C):
-    """Group of each row tile (E past the last group), as make_layout: how many real groups end at or before it."""
-    return jnp.sum(((r_C[:, None] >= tile_end) & real_E).astype(jnp.int32), axis=1)
+  def group_of_tile(r):
+    """Group of each row tile (E past the last group), as make_layout: how many groups end at or before it."""
+    return sum((r >= end).astype(jnp.int32) for end in tile_end)
 
   # 3. rows no token lands on -> T; the group of every row tile.
   def pad_body(i, carry):
-    p0 = pl.multiple_of(i * cp, cp)
-    p = p0 + jax.lax.broadcasted_iota(jnp.int32, (cp,), 0)
+    p = pl.multiple_of(i * cp, cp) + _iota(cp)
     g = group_of_tile(p // rt)
-    oh = onehot(jnp.minimum(g, E - 1))
-    empty = (g >= E) | (p - pick(oh, start_row) >= pick(oh, counts))
-    pltriton.store(row_token_ref.at[p], jnp.full((cp,), T, jnp.int32), mask=empty)
+    kept = jnp.zeros((cp,), jnp.bool_)
+    for e in groups:
+      kept = kept | ((g == e) & (p - tile_start[e] * rt < counts[e]))
+    pltriton.store(row_token_ref.at[p], jnp.full((cp,), T, jnp.int32), mask=jnp.logical_not(kept))
     return carry
 
   jax.lax.fori_loop(0, P // cp, pad_body, 0)
 
   def tile_body(i, carry):
     r0 = pl.multiple_of(i * cr, cr)
-    tile_group_ref[pl.ds(r0, cr)] = group_of_tile(r0 + jax.lax.broadcasted_iota(jnp.int32, (cr,), 0))
+    tile_group_ref[pl.ds(r0, cr)] = group_of_tile(r0 + _iota(cr))
     return carry
 
   jax.lax.fori_loop(0, R // cr, tile_body, 0)
 
-  # The E-padding lanes point past the end: Triton never touches masked lanes, and the interpreter's scatter drops
-  # out-of-range ones, where an in-range dummy index could overwrite a real lane's store.
-  e = jax.lax.broadcasted_iota(jnp.int32, (Ep,), 0)
-  lanes = e < E
+  # Per-group outputs: E lanes of a power-of-two vector; the padding lanes point past the end (Triton never touches
+  # masked lanes, and the interpreter's scatter drops out-of-range ones, where an in-range dummy index could
+  # overwrite a real lane's store).
+  Ep = _pow2(E)
+  e_vec = _iota(Ep)
+  lanes = e_vec < E
   for ref, values in ((tile_start_ref, tile_start), (tiles_ref, tiles), (counts_ref, counts)):
-    pltriton.store(ref.at[jnp.where(lanes, e, E)], values[0], mask=lanes)
+    vec = sum(jnp.where(e_vec == e, v, 0) for e, v in zip(groups, values))
+    pltriton.store(ref.at[jnp.where(lanes, e_vec, E)], vec, mask=lanes)
 
 
 def make_layout_arrays(groups_T: jax.Array, num_groups: int, row_tile: int, num_rows: int, *,
-                       num_warps: int = 4, interpret: bool = False):
+                       num_warps: int = 16, interpret: bool = False):
   """``(pos_T, row_token_P, tile_group_R, tile_start_E, tiles_E, counts_E)`` of :func:`layout.make_layout`."""
   T = groups_T.shape[0]
   E, rt, P = num_groups, row_tile, num_rows
@@ -123,7 +128,8 @@ def make_layout_arrays(groups_T: jax.Array, num_groups: int, row_tile: int, num_
   out_shape = [jax.ShapeDtypeStruct((T,), i32), jax.ShapeDtypeStruct((P,), i32), jax.ShapeDtypeStruct((R,), i32),
                jax.ShapeDtypeStruct((E,), i32), jax.ShapeDtypeStruct((E,), i32), jax.ShapeDtypeStruct((E,), i32)]
   whole = lambda n: pl.BlockSpec((n,), lambda i: (0,))
-  kernel = functools.partial(_layout_kernel, T=T, E=E, Ep=_pow2(E), rt=rt, P=P, R=R)
+  kernel = functools.partial(_layout_kernel, T=T, E=E, rt=rt, P=P, R=R, ct=_chunk(T), cp=_chunk(P, 4096),
+                             cr=_chunk(R, 4096))
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(1,), in_specs=[whole(T)],
       out_specs=[whole(T), whole(P), whole(R), whole(E), whole(E), whole(E)],
