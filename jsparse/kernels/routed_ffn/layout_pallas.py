@@ -3,8 +3,9 @@
 XLA builds the layout from a handful of small fusions (the one-hot cumulative sum, the counts, the tile starts, the
 positions, the scatter of token ids and its initialising broadcast, the tile groups): eight kernels of 1-3 us each at
 T=16384, E=8 on the H100, plus a launch gap after each. All of it is a few hundred kilobytes of integers, so one
-program does it, a whole chunk of tokens (up to ``MAX_CHUNK``: all of them at T=16384) per step, with the E groups
-unrolled (E vector compares, sums and cumulative sums over the chunk instead of a (chunk, E) one-hot matrix):
+program does it, a whole chunk of tokens per step (up to ``MAX_CHUNK``, the last chunk masked: all of them at
+T=16384), with the E groups unrolled (E vector compares, sums and cumulative sums over the chunk instead of a
+(chunk, E) one-hot matrix):
 
 1. per-group counts -> tiles, tile starts;
 2. each token's rank in its group (the group's cumulative sum down the chunk plus the count in earlier chunks), its
@@ -33,11 +34,9 @@ MAX_CHUNK = 16384
 
 
 def _chunk(n: int, limit: int = MAX_CHUNK) -> int:
-  """Largest power of two <= limit dividing n (chunks never cross the end)."""
-  c = limit
-  while n % c:
-    c //= 2
-  return c
+  """Power-of-two chunk for n elements: n rounded up to a power of two, at most ``limit`` (the last chunk is
+  masked where it crosses the end)."""
+  return min(_pow2(n), limit)
 
 
 def _pow2(n: int) -> int:
@@ -55,12 +54,23 @@ def _layout_kernel(groups_ref, pos_ref, row_token_ref, tile_group_ref, tile_star
                    T: int, E: int, rt: int, P: int, R: int, ct: int, cp: int, cr: int):
   groups = range(E)
 
+  def span(i, chunk, n):
+    """Indices of chunk i, whether each is below n, and the indices with those past n sent to n (out of range:
+    masked lanes never touch memory on a GPU, and the interpreter's scatter drops out-of-range ones)."""
+    idx = i * chunk + _iota(chunk)
+    ok = idx < n
+    return idx, ok, jnp.where(ok, idx, n)
+
+  def load_groups(i):
+    t, ok, _ = span(i, ct, T)
+    return t, ok, pltriton.load(groups_ref.at[jnp.where(ok, t, 0)], mask=ok, other=E)  # E: no group
+
   # 1. counts (E scalars), tiles, tile starts and ends.
   def count_body(i, counts):
-    g = groups_ref[pl.ds(pl.multiple_of(i * ct, ct), ct)]
+    _, _, g = load_groups(i)
     return tuple(c + jnp.sum((g == e).astype(jnp.int32)) for e, c in zip(groups, counts))
 
-  counts = jax.lax.fori_loop(0, T // ct, count_body, tuple(jnp.int32(0) for _ in groups))
+  counts = jax.lax.fori_loop(0, pl.cdiv(T, ct), count_body, tuple(jnp.int32(0) for _ in groups))
   tiles = [(c + rt - 1) // rt for c in counts]
   tile_end, total = [], jnp.int32(0)
   for t in tiles:
@@ -70,19 +80,19 @@ def _layout_kernel(groups_ref, pos_ref, row_token_ref, tile_group_ref, tile_star
 
   # 2. ranks, positions, token ids scattered to their rows.
   def rank_body(i, seen):
-    t0 = pl.multiple_of(i * ct, ct)
-    g = groups_ref[pl.ds(t0, ct)]
+    t, ok, g = load_groups(i)
+    t_out = jnp.where(ok, t, T)
     pos = jnp.zeros((ct,), jnp.int32)
     new_seen = []
     for e in groups:
       mine = (g == e).astype(jnp.int32)
       pos = pos + mine * (tile_start[e] * rt + seen[e] + jnp.cumsum(mine) - 1)
       new_seen.append(seen[e] + jnp.sum(mine))
-    pos_ref[pl.ds(t0, ct)] = pos
-    pltriton.store(row_token_ref.at[pos], t0 + _iota(ct))
+    pltriton.store(pos_ref.at[t_out], pos, mask=ok)
+    pltriton.store(row_token_ref.at[jnp.where(ok, pos, P)], t, mask=ok)
     return tuple(new_seen)
 
-  jax.lax.fori_loop(0, T // ct, rank_body, tuple(jnp.int32(0) for _ in groups))
+  jax.lax.fori_loop(0, pl.cdiv(T, ct), rank_body, tuple(jnp.int32(0) for _ in groups))
 
   def group_of_tile(r):
     """Group of each row tile (E past the last group), as make_layout: how many groups end at or before it."""
@@ -90,22 +100,23 @@ def _layout_kernel(groups_ref, pos_ref, row_token_ref, tile_group_ref, tile_star
 
   # 3. rows no token lands on -> T; the group of every row tile.
   def pad_body(i, carry):
-    p = pl.multiple_of(i * cp, cp) + _iota(cp)
+    p, ok, p_out = span(i, cp, P)
     g = group_of_tile(p // rt)
     kept = jnp.zeros((cp,), jnp.bool_)
     for e in groups:
       kept = kept | ((g == e) & (p - tile_start[e] * rt < counts[e]))
-    pltriton.store(row_token_ref.at[p], jnp.full((cp,), T, jnp.int32), mask=jnp.logical_not(kept))
+    empty = ok & jnp.logical_not(kept)
+    pltriton.store(row_token_ref.at[jnp.where(empty, p, P)], jnp.full((cp,), T, jnp.int32), mask=empty)
     return carry
 
-  jax.lax.fori_loop(0, P // cp, pad_body, 0)
+  jax.lax.fori_loop(0, pl.cdiv(P, cp), pad_body, 0)
 
   def tile_body(i, carry):
-    r0 = pl.multiple_of(i * cr, cr)
-    tile_group_ref[pl.ds(r0, cr)] = group_of_tile(r0 + _iota(cr))
+    r, ok, r_out = span(i, cr, R)
+    pltriton.store(tile_group_ref.at[r_out], group_of_tile(r), mask=ok)
     return carry
 
-  jax.lax.fori_loop(0, R // cr, tile_body, 0)
+  jax.lax.fori_loop(0, pl.cdiv(R, cr), tile_body, 0)
 
   # Per-group outputs: E lanes of a power-of-two vector; the padding lanes point past the end (Triton never touches
   # masked lanes, and the interpreter's scatter drops out-of-range ones, where an in-range dummy index could
@@ -129,7 +140,7 @@ def make_layout_arrays(groups_T: jax.Array, num_groups: int, row_tile: int, num_
                jax.ShapeDtypeStruct((E,), i32), jax.ShapeDtypeStruct((E,), i32), jax.ShapeDtypeStruct((E,), i32)]
   whole = lambda n: pl.BlockSpec((n,), lambda i: (0,))
   kernel = functools.partial(_layout_kernel, T=T, E=E, rt=rt, P=P, R=R, ct=_chunk(T), cp=_chunk(P, 4096),
-                             cr=_chunk(R, 4096))
+                             cr=_chunk(R, 1024))
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(1,), in_specs=[whole(T)],
       out_specs=[whole(T), whole(P), whole(R), whole(E), whole(E), whole(E)],
