@@ -29,7 +29,7 @@ def test_records_compare_every_variant_with_einsum_in_the_original_neuron_order(
   monkeypatch.setattr(bench.gmm_api, "kernel_config", spy)
   records = []
   impls = ["einsum", "ours", "ours_grouped_weights", "ours_grouped_weights_rt64", "ours_grouped_weights_rt64_pgather",
-           "ours_grouped_weights_tgather_snake_playout", "ours_grouped_weights_wgm_chain"]
+           "ours_grouped_weights_tgather_snake_playout", "ours_grouped_weights_wgm"]
   with jsparse.pallas_interpret():
     bench.bench_config(tiny_shape, 2, records, impls, lambda msg: None, token_order_at=(2,))
   by_name = {(r["config"]["impl"], r["config"]["pass"]): r for r in records}
@@ -49,8 +49,6 @@ def test_records_compare_every_variant_with_einsum_in_the_original_neuron_order(
   assert ("dw1", "group_major", "n") in seen
   # _wgm: all six GEMMs of its fwd+bwd (and the two of its fwd) split along M.
   assert sum(1 for _, _, split in seen if split == "m") == 8
-  assert by_name[("ours_grouped_weights_wgm_chain", "fwd")]["config"]["wg_split"] == "m"
-  assert by_name[("ours_grouped_weights_wgm_chain", "fwd")]["config"]["chain"] is True
-  assert bench._tuning({"chain"}) == {g: dict(chain=True) for g in ("up", "down", "dh", "dx")}
+  assert by_name[("ours_grouped_weights_wgm", "fwd")]["config"]["wg_split"] == "m"
   assert bench._variant("ours_grouped_weights_pgather_rt64") == ("ours_grouped_weights", {"rt64", "pgather"})
   assert bench._variant("einsum") == ("einsum", set())

@@ -99,8 +99,7 @@ def _kernel_support(op: str, dtype, dims: dict[str, tuple[int, int]], transposed
 
 def grouped_matmul(lhs_PxK: jax.Array, rhs: jax.Array, tile_group_R: jax.Array, *, num_groups: int,
                    group_axis: str = "n", transpose_rhs: bool = False, epilogue: str | None = None,
-                   aux_PxN: jax.Array | None = None, implementation: str | None = None,
-                   unused_tiles_last: bool = False) -> jax.Array:
+                   aux_PxN: jax.Array | None = None, implementation: str | None = None) -> jax.Array:
   """Grouped GEMM: row tile r of ``lhs`` times the weight block of group ``tile_group_R[r]``.
 
   Args:
@@ -112,9 +111,6 @@ def grouped_matmul(lhs_PxK: jax.Array, rhs: jax.Array, tile_group_R: jax.Array, 
     epilogue: ``None``, ``"square_relu"`` (relu(acc)^2) or ``"square_relu_grad"`` (2 sqrt(aux) acc).
     aux_PxN: the saved relu^2 activation, for ``"square_relu_grad"`` only.
     implementation: ``None``, ``"pallas"`` or ``"xla"``.
-    unused_tiles_last: the caller guarantees that no used tile follows an unused one (the routed FFN's layout): lets
-      the kernel chain its tile pipelines (``TileConfig.chain``) where the tuning asks for it. With False (the safe
-      default for any layout) a tuned ``chain`` is ignored.
 
   Returns:
     (P, N) in lhs's dtype (float32 accumulation).
@@ -150,8 +146,6 @@ def grouped_matmul(lhs_PxK: jax.Array, rhs: jax.Array, tile_group_R: jax.Array, 
   if aux_PxN is not None and aux_PxN.shape != (P, N):
     raise ValueError(f"{op}: aux_PxN must have shape {(P, N)}, got {aux_PxN.shape}")
   cfg = kernel_config(GEMMS[("gmm", group_axis, transpose_rhs)], row_tile, P, N)
-  if cfg.chain and not unused_tiles_last:
-    cfg = dataclasses.replace(cfg, chain=False)
   ok, why = _kernel_support(op, lhs_PxK.dtype, dict(row_tile=(row_tile, 64), K=(K, cfg.tile_k), N=(N, cfg.cta_n)),
                             transpose_rhs)
   impl = common.resolve_implementation(op, implementation, pallas_supports=ok, why_not=why)
