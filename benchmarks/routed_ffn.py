@@ -134,6 +134,25 @@ def _gather(mods: set[str]) -> str | None:
   return "pallas_tma" if "tgather" in mods else ("pallas" if "pgather" in mods else None)
 
 
+def _variant_conf(mods: set[str]) -> dict:
+  """The record's config fields a variant's modifiers set (``VARIANT_KWARGS`` among them go to ``routed_ffn``)."""
+  conf = {}
+  if "rt64" in mods:
+    conf["row_tile"] = 64
+  if _gather(mods) is not None:
+    conf["gather"] = _gather(mods)
+  if "snake" in mods:
+    conf["dw_schedule"] = "sorted_snake"
+  if "playout" in mods:
+    conf["layout"] = "pallas"
+  if "wgm" in mods:
+    conf["wg_split"] = "m"
+  return conf
+
+
+VARIANT_KWARGS = ("row_tile", "gather", "layout")
+
+
 def _tuning(mods: set[str]) -> dict:
   """Grouped-GEMM overrides a variant's modifiers ask for (``_snake``: the weight gradients' sorted-snake order;
   ``_wgm``: every GEMM's warpgroups split along M)."""
@@ -183,8 +202,7 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
     if (impl == "einsum_equal_groups" and E != 8) or (impl == "ours" and E not in token_order_at):
       continue
     base_impl, mods = _variant(impl)
-    row_tile = 64 if "rt64" in mods else ROW_TILE
-    kw = dict(implementation="pallas" if base_impl == "ours" else impl, row_tile=row_tile)
+    kw = dict(implementation="pallas" if base_impl == "ours" else impl)
     st, a1, a2 = state, w1, w2
     if impl == "einsum":
       kw["capacity"] = cap
@@ -193,12 +211,9 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
       kw = dict(implementation="einsum", capacity=-(-T // E // ROW_TILE) * ROW_TILE,
                 groups=jnp.arange(T, dtype=jnp.int32) % E)
     if base_impl == "ours_grouped_weights":
-      kw = dict(implementation="pallas", weights_grouped=True, row_tile=row_tile)
+      kw = dict(implementation="pallas", weights_grouped=True)
       st, a1, a2 = settled, w1g, w2g
-    if _gather(mods) is not None:
-      kw["gather"] = _gather(mods)
-    if "playout" in mods:
-      kw["layout"] = "pallas"
+    kw.update({k: v for k, v in _variant_conf(mods).items() if k in VARIANT_KWARGS})
 
     def f(x, w1, w2, kw=kw, st=st):
       return rf_api.routed_ffn(x, w1, w2, st, cfg, **{"row_tile": ROW_TILE, **kw})
@@ -224,16 +239,7 @@ def bench_config(name, E, records, impls, log, token_order_at=(2, 4, 8, 16)):
         loss, (dx, d1, d2) = outs[impl]
         outs[impl] = (loss, (dx, rt.take_neurons(d1, inv, 1), rt.take_neurons(d2, inv, 0)))
     conf = dict(shape=name, T=T, D=D, F=F, E=E, dtype="bfloat16", pass_=pass_name, impl=impl)
-    if "rt64" in mods:
-      conf["row_tile"] = 64
-    if _gather(mods) is not None:
-      conf["gather"] = _gather(mods)
-    if "snake" in mods:
-      conf["dw_schedule"] = "sorted_snake"
-    if "playout" in mods:
-      conf["layout"] = "pallas"
-    if "wgm" in mods:
-      conf["wg_split"] = "m"
+    conf.update(_variant_conf(mods))
     conf["pass"] = conf.pop("pass_")
     extra = dict(info)
     if impl.startswith("ours") and ("einsum", pass_name) in times:

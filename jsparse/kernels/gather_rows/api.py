@@ -41,8 +41,7 @@ def _gather_fwd(src_SxD, idx_P, impl, config):
 def _gather_bwd(impl, config, res, g_PxD):
   # The transpose of a gather is a scatter-add (indices may repeat); out-of-range indices drop their rows.
   idx_P, S = res
-  idx_P = jnp.where(idx_P < 0, S, idx_P)  # dropped, not wrapped around as .at[] would
-  d_src = jnp.zeros((S, g_PxD.shape[1]), g_PxD.dtype).at[idx_P].add(g_PxD, mode="drop")
+  d_src = jnp.zeros((S, g_PxD.shape[1]), g_PxD.dtype).at[ref.past_end(idx_P, S)].add(g_PxD, mode="drop")
   return d_src, None
 
 
@@ -53,7 +52,8 @@ def gather_rows(src_SxD: jax.Array, idx_P: jax.Array, *, implementation: str | N
                 config: GatherConfig | TmaGatherConfig = GatherConfig()) -> jax.Array:
   """Rows of ``src`` by index, zero rows for out-of-range indices: ``out[p] = src[idx[p]]``.
 
-  The same as ``jnp.take(src, idx, axis=0, mode="fill", fill_value=0)``, differentiable in ``src`` (the gradient is
+  ``jnp.take(src, idx, axis=0, mode="fill", fill_value=0)`` except that negative indices give zero rows instead of
+  wrapping around; differentiable in ``src`` (the gradient is
   the scatter-add of the output gradient; callers that know the gather is a permutation should differentiate through
   the inverse gather instead, as :mod:`jsparse.kernels.routed_ffn.layout` does).
 

@@ -1,7 +1,8 @@
 """Pallas (Triton backend) row gather: ``out[p] = src[idx[p]]``, zero rows where ``idx[p]`` is out of range.
 
-Why a kernel when ``jnp.take`` exists: XLA lowers this gather to a loop fusion that moved 2.2 TB/s on the H100 in the
-routed FFN's profile (7b, E=8: 120-132 us per move of 16384 x 4096 bf16 rows) against 2.75 TB/s for a plain copy.
+Why a kernel when ``jnp.take`` exists: XLA lowers this gather to a loop fusion that took 118-132 us per move of
+16384 x 4096 bf16 rows in the routed FFN's H100 profile (7b, E=8), about 2.2 TB/s by the bytes moved, where an XLA copy
+measured 2.75 TB/s (``benchmarks/results/remat.json``).
 Rows here are long and contiguous (D elements), so each program loads a ``(block_rows, block_cols)`` tile as
 ``block_rows`` contiguous row segments (the index times the constexpr row length keeps the 16-byte alignment Triton
 needs to vectorise) and stores it contiguously. Out-of-range indices are masked loads (``other=0``), so the padding

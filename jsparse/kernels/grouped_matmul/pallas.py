@@ -104,7 +104,7 @@ class TileConfig:
   @property
   def wg_tile(self) -> tuple[int, int]:
     """(rows, columns) of the output one compute warpgroup accumulates."""
-    if self.wg_split == "m" and self.warp_specialized:
+    if self.wg_split == "m":  # only with the warp-specialised engine (__post_init__)
       return self.tile_m // self.compute_wgs, self.tile_n
     return self.tile_m, self.tile_n
 
@@ -443,5 +443,6 @@ def grouped_matmul_t(lhs_PxM, rhs_PxN, group_tile_start_E, group_tiles_E, *, row
 
   kernel = _launch(body, out_shape, dtype, cfg, interpret)
   tiles_E = group_tiles_E.astype(jnp.int32)
+  # The group order is read only by the sorted snake; group-major passes the tile counts in its place (unread).
   order_E = jnp.argsort(-tiles_E, stable=True).astype(jnp.int32) if cfg.schedule == "sorted_snake" else tiles_E
   return kernel(group_tile_start_E.astype(jnp.int32), tiles_E, order_E, lhs_PxM, rhs_PxN.astype(dtype))

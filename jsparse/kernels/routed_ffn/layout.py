@@ -75,11 +75,11 @@ def make_layout(groups_T: jax.Array, num_groups: int, row_tile: int, implementat
   ``implementation="pallas"`` builds the same arrays in one Triton kernel (:mod:`layout_pallas`) instead of XLA's
   handful of small fusions.
   """
+  if implementation not in LAYOUT_IMPLEMENTATIONS:
+    raise ValueError(f"make_layout: implementation must be one of {LAYOUT_IMPLEMENTATIONS}, got {implementation!r}")
   T = groups_T.shape[0]
   E = num_groups
   groups_T = groups_T.astype(jnp.int32)
-  if implementation not in LAYOUT_IMPLEMENTATIONS:
-    raise ValueError(f"make_layout: implementation must be one of {LAYOUT_IMPLEMENTATIONS}, got {implementation!r}")
   if implementation == "pallas":
     arrays = layout_pallas.make_layout_arrays(groups_T, E, row_tile, padded_rows(T, E, row_tile),
                                               interpret=common.interpret_enabled())
@@ -155,9 +155,9 @@ def to_padded(x_TxD: jax.Array, layout: GroupLayout, gather: str = "xla") -> jax
   """(P, D): tokens in layout order, zero rows for padding.
 
   ``gather="pallas"`` / ``"pallas_tma"`` moves the rows with a Pallas gather kernel (Triton / Mosaic GPU bulk
-  copies); only the move *into* the layout does (here the
-  forward; in :func:`from_padded` the gradient's): its consumer is a grouped-GEMM kernel anyway, while a move back to
-  token order stays an XLA gather that XLA can fuse into its consumer (the residual add, the loss).
+  copies); only the move *into* the layout does (here the forward; in :func:`from_padded` the gradient's): its
+  consumer is a grouped-GEMM kernel anyway, while a move back to token order stays an XLA gather that XLA can fuse
+  into its consumer (the residual add, the loss).
   """
   return move_rows(x_TxD, layout.row_token_P, layout.pos_T, _check_gather(gather), "xla")
 

@@ -1,8 +1,9 @@
 """The padded group layout (:func:`layout.make_layout`) in one Pallas (Triton) kernel.
 
 XLA builds the layout from a handful of small fusions (the one-hot cumulative sum, the counts, the tile starts, the
-positions, the scatter of token ids and its initialising broadcast, the tile groups): eight kernels of 1-3 us each at
-T=16384, E=8 on the H100, plus a launch gap after each. All of it is a few hundred kilobytes of integers, so one
+positions, the scatter of token ids and its initialising broadcast, the tile groups); the routed FFN's forward at 7b,
+E=8 showed about eight kernels of 1-3.5 us on the H100 besides the GEMMs and gathers (the routing's argmax among
+them), each with a launch gap. All of it is a few hundred kilobytes of integers, so one
 program does it, a whole chunk of tokens per step (up to ``MAX_CHUNK``, the last chunk masked: all of them at
 T=16384), with the E groups unrolled (E vector compares, sums and cumulative sums over the chunk instead of a
 (chunk, E) one-hot matrix):
@@ -62,12 +63,12 @@ def _layout_kernel(groups_ref, pos_ref, row_token_ref, tile_group_ref, tile_star
     return idx, ok, jnp.where(ok, idx, n)
 
   def load_groups(i):
-    t, ok, _ = span(i, ct, T)
-    return t, ok, pltriton.load(groups_ref.at[jnp.where(ok, t, 0)], mask=ok, other=E)  # E: no group
+    t, ok, t_out = span(i, ct, T)
+    return t, ok, t_out, pltriton.load(groups_ref.at[jnp.where(ok, t, 0)], mask=ok, other=E)  # E: no group
 
   # 1. counts (E scalars), tiles, tile starts and ends.
   def count_body(i, counts):
-    _, _, g = load_groups(i)
+    *_, g = load_groups(i)
     return tuple(c + jnp.sum((g == e).astype(jnp.int32)) for e, c in zip(groups, counts))
 
   counts = jax.lax.fori_loop(0, pl.cdiv(T, ct), count_body, tuple(jnp.int32(0) for _ in groups))
@@ -80,8 +81,7 @@ def _layout_kernel(groups_ref, pos_ref, row_token_ref, tile_group_ref, tile_star
 
   # 2. ranks, positions, token ids scattered to their rows.
   def rank_body(i, seen):
-    t, ok, g = load_groups(i)
-    t_out = jnp.where(ok, t, T)
+    t, ok, t_out, g = load_groups(i)
     pos = jnp.zeros((ct,), jnp.int32)
     new_seen = []
     for e in groups:
@@ -100,7 +100,7 @@ def _layout_kernel(groups_ref, pos_ref, row_token_ref, tile_group_ref, tile_star
 
   # 3. rows no token lands on -> T; the group of every row tile.
   def pad_body(i, carry):
-    p, ok, p_out = span(i, cp, P)
+    p, ok, _ = span(i, cp, P)
     g = group_of_tile(p // rt)
     kept = jnp.zeros((cp,), jnp.bool_)
     for e in groups:
