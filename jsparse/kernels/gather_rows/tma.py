@@ -2,8 +2,8 @@
 
 Each CTA owns ``block_rows`` consecutive output rows. It reads their indices, issues one bulk GMEM -> SMEM copy per
 row (a row is contiguous, so this is a plain ``cp.async.bulk`` of ``D * itemsize`` bytes, not a tensor-map TMA with
-its 256-element box limit) on one barrier, zeroes the rows whose index is out of range once the copies have landed
-(their copy read row 0), and writes the block back with one bulk SMEM -> GMEM copy of ``block_rows * D`` contiguous
+its 256-element box limit) on one barrier (a row whose index is out of range is copied from a row of zeros), and
+writes the block back with one bulk SMEM -> GMEM copy of ``block_rows * D`` contiguous
 elements. Several CTAs fit on an SM (``block_rows * D * itemsize`` bytes of SMEM each), which keeps enough bytes in
 flight; the Triton engine (:mod:`pallas`) moves the same data through registers instead.
 
@@ -67,26 +67,29 @@ def gather_rows(src_SxD: jax.Array, idx_P: jax.Array, *, config: TmaGatherConfig
   br = config.fit(P, row_bytes).block_rows
   copy_kwargs = _bulk_copy_kwargs()
 
-  def body(idx_gmem, src_gmem, out_gmem):
+  def body(idx_gmem, src_gmem, zero_gmem, out_gmem):
     base = lax.axis_index("blocks") * br
 
     def scoped(buf_smem, barrier):
-      rows = [idx_gmem[base + i] for i in range(br)]
-      valid = [(j >= 0) & (j < S) for j in rows]
       for i in range(br):
-        src_row = jnp.where(valid[i], rows[i], 0)
-        plgpu.copy_gmem_to_smem(src_gmem.at[pl.ds(src_row, 1)], buf_smem.at[pl.ds(i, 1)], barrier.at[0],
-                                **copy_kwargs)
-      plgpu.barrier_wait(barrier.at[0])
-      for i in range(br):
-        @pl.when(jnp.logical_not(valid[i]))
+        row = idx_gmem[base + i]
+        valid = (row >= 0) & (row < S)
+        # Each row is one bulk copy either way (the barrier counts br arrivals): an out-of-range index copies the
+        # zero row. Zeroing from registers instead would need a store layout that D < 128 does not have.
+        @pl.when(valid)
+        def _row():
+          plgpu.copy_gmem_to_smem(src_gmem.at[pl.ds(row, 1)], buf_smem.at[pl.ds(i, 1)], barrier.at[0],
+                                  **copy_kwargs)
+
+        @pl.when(jnp.logical_not(valid))
         def _zero():
-          buf_smem[pl.ds(i, 1)] = jnp.zeros((1, D), dtype)
-      plgpu.commit_smem()  # the zeroed rows, written by threads, must be visible to the async copy
+          plgpu.copy_gmem_to_smem(zero_gmem, buf_smem.at[pl.ds(i, 1)], barrier.at[0], **copy_kwargs)
+
+      plgpu.barrier_wait(barrier.at[0])
       plgpu.copy_smem_to_gmem(buf_smem, out_gmem.at[pl.ds(base, br)])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    pl.run_scoped(scoped, plgpu.SMEM((br, D), dtype), plgpu.Barrier(num_arrivals=br))
+    pl.run_scoped(scoped, plgpu.SMEM((br, D), dtype), plgpu.Barrier(num_arrivals=br, num_barriers=1))
 
   kernel = plgpu.kernel(
       body,
@@ -95,4 +98,4 @@ def gather_rows(src_SxD: jax.Array, idx_P: jax.Array, *, config: TmaGatherConfig
       grid_names=("blocks",),
       interpret=common.mosaic_interpret_params(interpret),
   )
-  return kernel(idx_P.astype(jnp.int32), src_SxD)
+  return kernel(idx_P.astype(jnp.int32), src_SxD, jnp.zeros((1, D), dtype))
