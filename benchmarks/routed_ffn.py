@@ -24,8 +24,10 @@ row-gather kernel, Triton / Mosaic GPU bulk-copy engine, instead of XLA's gather
 ``"pallas_tma"``; ``gather`` in the config); a ``_snake`` suffix runs the weight-gradient GEMMs with
 ``schedule="sorted_snake"`` (``dw_schedule`` in the config); a ``_playout`` suffix builds the group layout with
 its Triton kernel (``layout="pallas"``; ``layout`` in the config); a ``_wgm`` suffix runs every grouped GEMM with
-its two compute warpgroups split along M (``wg_split="m"``, 64 x 256 each; ``wg_split`` in the config). Suffixes
-combine (``_rt64_pgather``).
+its two compute warpgroups split along M (``wg_split="m"``, 64 x 256 each; ``wg_split`` in the config); a ``_chain``
+suffix chains the tile pipelines of up/down/dh/dx (``chain`` in the config). Suffixes combine (``_rt64_pgather``).
+The sorted snake and the chained pipelines are the tuned defaults since they won on the H100 (``TUNED`` in
+``jsparse/kernels/grouped_matmul/api.py``), so ``_snake`` and ``_chain`` now only label what every variant runs.
 
 **Trained-like activations** (what the router sees): 64 latent "feature" directions u_k in R^D. Neuron f of W1 is
 ``u_{k(f)}`` plus Gaussian noise (each feature owns F/64 neurons, as co-activating neurons of a trained FFN do); token
@@ -116,7 +118,7 @@ def shape_setup(name, log):
   return _SHAPE_CACHE[name]
 
 
-VARIANT_SUFFIXES = ("_rt64", "_pgather", "_tgather", "_snake", "_playout", "_wgm")
+VARIANT_SUFFIXES = ("_rt64", "_pgather", "_tgather", "_snake", "_playout", "_wgm", "_chain")
 
 
 def _variant(impl: str) -> tuple[str, set[str]]:
@@ -147,6 +149,8 @@ def _variant_conf(mods: set[str]) -> dict:
     conf["layout"] = "pallas"
   if "wgm" in mods:
     conf["wg_split"] = "m"
+  if "chain" in mods:
+    conf["chain"] = True
   return conf
 
 
@@ -155,13 +159,15 @@ VARIANT_KWARGS = ("row_tile", "gather", "layout")
 
 def _tuning(mods: set[str]) -> dict:
   """Grouped-GEMM overrides a variant's modifiers ask for (``_snake``: the weight gradients' sorted-snake order;
-  ``_wgm``: every GEMM's warpgroups split along M)."""
+  ``_wgm``: every GEMM's warpgroups split along M; ``_chain``: the four row-tile GEMMs' tile pipelines chained)."""
   tune = {g: {} for g in SWEEP_GEMMS}
   for g in SWEEP_GEMMS:
     if "snake" in mods and g in ("dw1", "dw2"):
       tune[g]["schedule"] = "sorted_snake"
     if "wgm" in mods:
       tune[g]["wg_split"] = "m"
+    if "chain" in mods and not g.startswith("dw"):
+      tune[g]["chain"] = True
   return {g: f for g, f in tune.items() if f}
 
 
@@ -302,10 +308,14 @@ SWEEP_FIELDS = {
     "wgm": dict(wg_split="m"),
     "wgmf1": dict(wg_split="m", mma_in_flight=1),
     "wgmcl": dict(wg_split="m", cluster="auto"),
+    "chain": dict(chain=True),
+    "wgmchain": dict(wg_split="m", chain=True),
 }
-SWEEP_ONLY = {"n64": ("up", "dh"), "n64cl": ("up", "dh"), "cln": ("dw1", "dw2")}
+SWEEP_ONLY = {"n64": ("up", "dh"), "n64cl": ("up", "dh"), "cln": ("dw1", "dw2"), "chain": ("up", "down", "dh", "dx"),
+              "wgmchain": ("up", "down", "dh", "dx")}
 # Second stage: the best single change of each category that beats the base, combined.
-SWEEP_CATEGORIES = (("f1", "cl", "clf1", "cln"), ("m0", "w8", "m0w8"), ("s3", "n64", "n64cl", "wgm", "wgmf1", "wgmcl"))
+SWEEP_CATEGORIES = (("f1", "cl", "clf1", "cln"), ("m0", "w8", "m0w8"),
+                    ("s3", "n64", "n64cl", "wgm", "wgmf1", "wgmcl", "chain", "wgmchain"))
 SWEEP_GEMMS = ("up", "down", "dh", "dx", "dw1", "dw2")
 # Whole-op tuning variants (--op-variants): single changes the GEMM sweep found faster in isolation.
 OP_VARIANTS = {
@@ -319,6 +329,9 @@ OP_VARIANTS = {
     "wgm_all_snake": {g: dict(wg_split="m", **(dict(schedule="sorted_snake") if g.startswith("dw") else {}))
                       for g in SWEEP_GEMMS},
     "snake": {g: dict(schedule="sorted_snake") for g in ("dw1", "dw2")},
+    "chain": {g: dict(chain=True) for g in ("up", "down", "dh", "dx")},
+    "wgm_chain_snake": {g: dict(wg_split="m", **(dict(schedule="sorted_snake") if g.startswith("dw") else
+                                                   dict(chain=True))) for g in SWEEP_GEMMS},
 }
 
 
@@ -332,13 +345,14 @@ def _fields(gemm, fields):
 def _gemm_fns(E, layout, x_P, h, g, w1g, w2g):
   tg, ts, tt = layout.tile_group_R, layout.tile_start_E, layout.tiles_E
   impl = dict(implementation="pallas")
+  rows = dict(impl, unused_tiles_last=True)  # the routed layout's order: a tuned chain applies
   return {
       "up": (lambda: gmm_api.grouped_matmul(x_P, w1g, tg, num_groups=E, group_axis="n", epilogue="square_relu",
-                                            **impl)),
-      "down": (lambda: gmm_api.grouped_matmul(h, w2g, tg, num_groups=E, group_axis="k", **impl)),
+                                            **rows)),
+      "down": (lambda: gmm_api.grouped_matmul(h, w2g, tg, num_groups=E, group_axis="k", **rows)),
       "dh": (lambda: gmm_api.grouped_matmul(g, w2g, tg, num_groups=E, group_axis="n", transpose_rhs=True,
-                                            epilogue="square_relu_grad", aux_PxN=h, **impl)),
-      "dx": (lambda: gmm_api.grouped_matmul(h, w1g, tg, num_groups=E, group_axis="k", transpose_rhs=True, **impl)),
+                                            epilogue="square_relu_grad", aux_PxN=h, **rows)),
+      "dx": (lambda: gmm_api.grouped_matmul(h, w1g, tg, num_groups=E, group_axis="k", transpose_rhs=True, **rows)),
       "dw1": (lambda: gmm_api.grouped_matmul_t(x_P, h, ts, tt, row_tile=ROW_TILE, group_axis="n", **impl)),
       "dw2": (lambda: gmm_api.grouped_matmul_t(h, g, ts, tt, row_tile=ROW_TILE, group_axis="m", **impl)),
   }
@@ -565,7 +579,7 @@ def main(argv=None):
   p.add_argument("--sweep", action="store_true", help="tile sweep per GEMM (first shape fully, the others on its "
                  "winners), the op's pieces, and the whole op under the winners; written to *_sweep.json")
   p.add_argument("--sweep-shapes", default="7b,1b")
-  p.add_argument("--sweep-configs", default="base,f1,cl,clf1,m0,m0w8,n64,n64cl,cln")
+  p.add_argument("--sweep-configs", default="base,f1,cl,clf1,m0,m0w8,n64,n64cl,cln,wgm,wgmf1,chain,wgmchain")
   p.add_argument("--sweep-seconds", type=float, default=170.0, help="stop starting sweep steps after this")
   p.add_argument("--max-seconds", type=float, default=1e9, help="stop starting benchmark configs after this")
   p.add_argument("--token-order-at", default="2,4,8,16",

@@ -52,6 +52,11 @@ KERNELS = {
     "grouped_matmul_dx": (lambda d, w, t: gmm.grouped_matmul(d, w, t, num_groups=8, group_axis="k",
                                                              transpose_rhs=True, epilogue=None),
                           [S((17408, 1024), BF16), S((2048, 8192), BF16), S((136,), I32)], "mosaic"),
+    "grouped_matmul_up_chained_split_m": (
+        lambda x, w, t: gmm.grouped_matmul(x, w, t, num_groups=8, group_axis="n", transpose_rhs=False,
+                                           epilogue="square_relu",
+                                           cfg=gmm.TileConfig(chain=True, wg_split="m", tile_n=256)),
+        [S((17408, 2048), BF16), S((2048, 8192), BF16), S((136,), I32)], "mosaic"),
     "grouped_matmul_t": (lambda a, b, s, t: gmm.grouped_matmul_t(a, b, s, t, row_tile=128, group_axis="n"),
                          [S((17408, 2048), BF16), S((17408, 1024), BF16), S((8,), I32), S((8,), I32)], "mosaic"),
 }

@@ -28,12 +28,17 @@ KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 GEMMS = {("gmm", "n", False): "up", ("gmm", "k", False): "down", ("gmm", "n", True): "dh",
          ("gmm", "k", True): "dx", ("gmm_t", "n", False): "dw1", ("gmm_t", "m", False): "dw2"}
 
-# Tuned TileConfig fields per GEMM; ``cluster`` is dropped where the tile count along it is odd. Empty: on the H100
-# (benchmarks/routed_ffn.py --sweep, E=8, trained-like routing, 2026-11-23) no variant won robustly. Alone, single
-# GEMMs gained at most 2-4% (7b: dh with 64-column warpgroups 0.490 -> 0.478 ms, dx / dW1 walking N first 0.481 ->
-# 0.465 / 0.378 -> 0.364 ms, dW2 in 2-CTA clusters 0.359 -> 0.346 ms; mma_in_flight=1 within 2%), but the whole op
-# with those winners ran slower (7b fwd+bwd 3.268 vs 2.995 ms; 1b 1.174-1.223 vs 1.160 ms).
-TUNED: dict[str, dict] = {name: {} for name in GEMMS.values()}
+# Tuned TileConfig fields per GEMM; ``cluster`` is dropped where the tile count along it is odd, ``chain`` where the
+# caller does not promise unused tiles last (grouped_matmul's ``unused_tiles_last``; the routed FFN does). Measured on
+# the H100 (benchmarks/routed_ffn.py, E=8, trained-like routing, fwd+bwd of the whole op, 2026-11-23 session 7): the
+# four row-tile GEMMs with chained tile pipelines 3.032 -> 2.955 ms at 7b (1b 1.177 -> 1.176), and with the weight
+# gradients in sorted-snake order as well 2.962 ms at 7b and 1.140 ms at 1b. Measured and left off: warpgroups split
+# along M (7b 3.055 vs 3.053 ms alone, 2.999 vs 2.955 chained), and, from an earlier sweep, single-GEMM winners that
+# slowed the whole op (7b 3.268 vs 2.995 ms).
+TUNED: dict[str, dict] = {
+    **{g: dict(chain=True) for g in ("up", "down", "dh", "dx")},
+    **{g: dict(schedule="sorted_snake") for g in ("dw1", "dw2")},
+}
 
 _overrides: list[dict[str, dict]] = []
 
@@ -99,7 +104,8 @@ def _kernel_support(op: str, dtype, dims: dict[str, tuple[int, int]], transposed
 
 def grouped_matmul(lhs_PxK: jax.Array, rhs: jax.Array, tile_group_R: jax.Array, *, num_groups: int,
                    group_axis: str = "n", transpose_rhs: bool = False, epilogue: str | None = None,
-                   aux_PxN: jax.Array | None = None, implementation: str | None = None) -> jax.Array:
+                   aux_PxN: jax.Array | None = None, implementation: str | None = None,
+                   unused_tiles_last: bool = False) -> jax.Array:
   """Grouped GEMM: row tile r of ``lhs`` times the weight block of group ``tile_group_R[r]``.
 
   Args:
@@ -111,6 +117,9 @@ def grouped_matmul(lhs_PxK: jax.Array, rhs: jax.Array, tile_group_R: jax.Array, 
     epilogue: ``None``, ``"square_relu"`` (relu(acc)^2) or ``"square_relu_grad"`` (2 sqrt(aux) acc).
     aux_PxN: the saved relu^2 activation, for ``"square_relu_grad"`` only.
     implementation: ``None``, ``"pallas"`` or ``"xla"``.
+    unused_tiles_last: the caller guarantees that no used tile follows an unused one (the routed FFN's layout): lets
+      the kernel chain its tile pipelines (``TileConfig.chain``) where the tuning asks for it. With False (the safe
+      default for any layout) a tuned ``chain`` is ignored.
 
   Returns:
     (P, N) in lhs's dtype (float32 accumulation).
@@ -146,6 +155,8 @@ def grouped_matmul(lhs_PxK: jax.Array, rhs: jax.Array, tile_group_R: jax.Array, 
   if aux_PxN is not None and aux_PxN.shape != (P, N):
     raise ValueError(f"{op}: aux_PxN must have shape {(P, N)}, got {aux_PxN.shape}")
   cfg = kernel_config(GEMMS[("gmm", group_axis, transpose_rhs)], row_tile, P, N)
+  if cfg.chain and not unused_tiles_last:
+    cfg = dataclasses.replace(cfg, chain=False)
   ok, why = _kernel_support(op, lhs_PxK.dtype, dict(row_tile=(row_tile, 64), K=(K, cfg.tile_k), N=(N, cfg.cta_n)),
                             transpose_rhs)
   impl = common.resolve_implementation(op, implementation, pallas_supports=ok, why_not=why)

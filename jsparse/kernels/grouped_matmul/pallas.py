@@ -76,6 +76,13 @@ class TileConfig:
   # from 10% to 4% over the mean; at 1b from 36% to 24%).
   schedule: str = "group_major"
   wg_split: str = "n"
+  # grouped_matmul: chain each CTA's tile pipelines (Pallas' pipeline_state START/STEADY/STOP) so the TMA warpgroup
+  # starts loading the next tile while the compute warpgroups finish this one and run its epilogue, instead of
+  # draining the pipeline at every tile; only the used row tiles are walked (their count read from GMEM) and the
+  # unused ones get zeros in a second loop, so the unused tiles must come last (as the routed layout puts them).
+  # Needs static pipeline lengths: K/tile_k a multiple of ``stages`` and no ``mma_in_flight`` (grouped_matmul falls
+  # back to unchained tiles otherwise).
+  chain: bool = False
 
   def __post_init__(self):
     if self.wg_split not in ("n", "m"):
@@ -200,7 +207,10 @@ def _launch(body, out_shape, out_dtype, cfg: TileConfig, interpret: bool):
 # ``rows`` x ``cols`` of the CTA tile (slices of the A block's rows and the B block's columns).
 
 
-def _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, tile_fn, operands, cfg, epilogue):
+def _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, tile_fn, operands, cfg, epilogue,
+            chain=False, n_zero_tiles=0, zero_tile_fn=None):
+  """``chain``: the tiles' pipelines are chained (static lengths); then ``zero_tile_fn(lin) -> (out_rows, out_cols)``
+  names ``n_zero_tiles`` further tiles that get zeros without a pipeline."""
   dtype, out_dtype = a_gmem.dtype, out_gmem.dtype
   tm, tn = cfg.wg_tile
   wgs = cfg.compute_wgs
@@ -208,10 +218,10 @@ def _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, ti
 
   shared_a, shared_b = (("cluster",) if cfg.cluster == c else () for c in ("n", "m"))
 
-  def pipeline(body, compute_context, a_map, b_map, steps):
+  def pipeline(body, compute_context, a_map, b_map, steps, state=None):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(steps,), memory_registers=_MEMORY_REGISTERS, wg_axis="wg", num_compute_wgs=wgs,
-        max_concurrent_steps=cfg.stages, compute_context=compute_context,
+        max_concurrent_steps=cfg.stages, compute_context=compute_context, pipeline_state=state,
         in_specs=[
             plgpu.BlockSpec(a_block, a_map, transforms=_transforms(dtype, a_block[1]), memory_space=plgpu.SMEM,
                             delay_release=cfg.mma_in_flight, collective_axes=shared_a),
@@ -241,6 +251,13 @@ def _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, ti
     def _tile_loop(loop_info):
       (lin,) = loop_info.index
       steps, a_map, b_map, out_rows, out_cols, keep = tile_fn(lin)
+      state = None
+      if chain:
+        # A CTA's first tile fills the pipeline, its last one drains it, the ones between neither. (A lone tile
+        # starts and is never drained: nothing follows it.)
+        first, last = loop_info.local_index == 0, loop_info.local_index == loop_info.num_local_steps - 1
+        state = jnp.where(first, int(plgpu.PipelinePipeline.START),
+                          jnp.where(last, int(plgpu.PipelinePipeline.STOP), int(plgpu.PipelinePipeline.STEADY)))
       out_tile = out_gmem.at[out_rows, out_cols].at[rows, cols]
       aux_tile = aux_gmem.at[out_rows, out_cols].at[rows, cols] if aux_gmem is not None else None
 
@@ -274,7 +291,27 @@ def _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, ti
         plgpu.wgmma_wait(cfg.mma_in_flight)
         return acc_ref
 
-      pipeline(mma, compute_context, a_map, b_map, steps)(a_gmem, b_gmem, allocations=pipeline_allocs)
+      pipeline(mma, compute_context, a_map, b_map, steps, state)(a_gmem, b_gmem, allocations=pipeline_allocs)
+
+    if zero_tile_fn is not None:
+      @plgpu.nd_loop((n_zero_tiles,), collective_axes="sm")
+      def _zero_loop(loop_info):
+        (lin,) = loop_info.index
+        out_rows, out_cols = zero_tile_fn(lin)
+        out_tile = out_gmem.at[out_rows, out_cols].at[rows, cols]
+
+        @pl.when(wg_idx < wgs)  # the compute warpgroups; the memory one has no SMEM tile of its own
+        def _store_zeros():
+          n_epi = tn // cfg.epi_tile_n
+          for mi in range(tm // cfg.epi_tile_m):
+            for ni in range(n_epi):
+              slot = (mi * n_epi + ni) % slots
+              plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+              out_smem[wg_idx, slot] = jnp.zeros((cfg.epi_tile_m, cfg.epi_tile_n), out_dtype)
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, slot],
+                                      out_tile.at[pl.ds(mi * cfg.epi_tile_m, cfg.epi_tile_m),
+                                                  pl.ds(ni * cfg.epi_tile_n, cfg.epi_tile_n)])
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -344,37 +381,62 @@ def grouped_matmul(lhs_PxK, rhs, tile_group_R, aux_PxN=None, *, num_groups: int,
   mc_iters, nc_iters = cfg.cluster_tiles(m_iters, n_iters)
   b_block = (cta_n, tk) if transpose_rhs else (tk, cta_n)
   has_aux = epilogue == "square_relu_grad"
+  # Chained pipelines need one static length for every tile.
+  chain = cfg.chain and cfg.warp_specialized and not cfg.mma_in_flight and k_iters % cfg.stages == 0
 
-  def body(tile_group_gmem, a_gmem, b_gmem, *refs):
+  def b_map_of(group, n_idx):
+    g = jnp.minimum(group, E - 1)
+    if group_axis == "n":
+      nb = g * n_iters + n_idx
+      return (lambda k: (nb, k)) if transpose_rhs else (lambda k: (k, nb))
+    kb = g * k_iters
+    return (lambda k: (n_idx, kb + k)) if transpose_rhs else (lambda k: (kb + k, n_idx))
+
+  def window(m_idx, n_idx):
+    return pl.ds(m_idx * tm, tm), pl.ds(n_idx * cta_n, cta_n)
+
+  def body(tile_group_gmem, used_gmem, a_gmem, b_gmem, *refs):
     aux_gmem, out_gmem = refs if has_aux else (None, refs[0])
 
     def tile_fn(lin):
       mc, nc = plgpu.planar_snake(lin, (mc_iters, nc_iters), cfg.grid_minor_dim, cfg.grid_tile_width)
       m_idx, n_idx = _cluster_position(cfg, mc, nc)
       group = tile_group_gmem[m_idx]
-      g = jnp.minimum(group, E - 1)
       if cfg.dynamic_grid:
         steps, keep = jnp.where(group < E, k_iters, 0).astype(jnp.int32), None  # unused tile: no MMA, zeros stored
       else:
         steps, keep = k_iters, group < E
-      if group_axis == "n":
-        nb = g * n_iters + n_idx
-        b_map = (lambda k: (nb, k)) if transpose_rhs else (lambda k: (k, nb))
-      else:
-        kb = g * k_iters
-        b_map = (lambda k: (n_idx, kb + k)) if transpose_rhs else (lambda k: (kb + k, n_idx))
-      return steps, (lambda k: (m_idx, k)), b_map, pl.ds(m_idx * tm, tm), pl.ds(n_idx * cta_n, cta_n), keep
+      return (steps, (lambda k: (m_idx, k)), b_map_of(group, n_idx), *window(m_idx, n_idx), keep)
+
+    # Chained: the used row tiles (those before the first unused one: the layout puts the unused ones last) in the
+    # snake order over a grid of that many rows, then zeros for the rest.
+    used = used_gmem[0]
+
+    def used_tile_fn(lin):
+      mc, nc = plgpu.planar_snake(lin, (used, nc_iters), cfg.grid_minor_dim, cfg.grid_tile_width)
+      m_idx, n_idx = _cluster_position(cfg, mc, nc)
+      return (k_iters, (lambda k: (m_idx, k)), b_map_of(tile_group_gmem[m_idx], n_idx), *window(m_idx, n_idx),
+              None)
+
+    def zero_tile_fn(lin):
+      return window(*_cluster_position(cfg, used + lax.div(lin, nc_iters), lax.rem(lin, nc_iters)))
 
     def operands(a_smem, b_smem, rows, cols):
       if transpose_rhs:
         return _slice(a_smem, rows, 0), b_smem.at[cols, :].transpose((1, 0))
       return _slice(a_smem, rows, 0), b_smem.at[:, cols]
 
-    _run(a_gmem, b_gmem, out_gmem, aux_gmem, n_tiles=mc_iters * nc_iters, a_block=(tm, tk), b_block=b_block,
-         tile_fn=tile_fn, operands=operands, cfg=cfg, epilogue=epilogue)
+    common_kw = dict(a_block=(tm, tk), b_block=b_block, operands=operands, cfg=cfg, epilogue=epilogue)
+    if chain:
+      _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, n_tiles=used * nc_iters, tile_fn=used_tile_fn, chain=True,
+              n_zero_tiles=(mc_iters - used) * nc_iters, zero_tile_fn=zero_tile_fn, **common_kw)
+    else:
+      _run(a_gmem, b_gmem, out_gmem, aux_gmem, n_tiles=mc_iters * nc_iters, tile_fn=tile_fn, **common_kw)
 
   kernel = _launch(body, (P, N), dtype, cfg, interpret)
-  args = (tile_group_R.astype(jnp.int32), lhs_PxK, rhs.astype(dtype))
+  tile_group_R = tile_group_R.astype(jnp.int32)
+  used_tiles = jnp.sum(tile_group_R < E, dtype=jnp.int32).reshape(1)  # read only by the chained kernel
+  args = (tile_group_R, used_tiles, lhs_PxK, rhs.astype(dtype))
   return kernel(*args, aux_PxN.astype(dtype)) if has_aux else kernel(*args)
 
 

@@ -41,10 +41,11 @@ class GroupedSpec:
 def _forward(x_PxD, w1g_DxF, w2g_FxD, tile_group_R, spec: GroupedSpec):
   E, impl = spec.num_groups, spec.implementation
   h = gmm.grouped_matmul(x_PxD, w1g_DxF, tile_group_R, num_groups=E, group_axis="n", epilogue="square_relu",
-                         implementation=impl)
+                         implementation=impl, unused_tiles_last=True)
   if spec.vnm is not None:
     h = jnp.where(ref.vnm_keep_rows(h, spec.vnm), h, jnp.zeros((), h.dtype))
-  out = gmm.grouped_matmul(h, w2g_FxD, tile_group_R, num_groups=E, group_axis="k", implementation=impl)
+  out = gmm.grouped_matmul(h, w2g_FxD, tile_group_R, num_groups=E, group_axis="k", implementation=impl,
+                           unused_tiles_last=True)
   return out, h
 
 
@@ -72,9 +73,9 @@ def _bwd(spec, res, g_PxD):
   E, impl, rt = spec.num_groups, _transposed_impl(spec.implementation), spec.row_tile
   g_PxD = g_PxD.astype(x_PxD.dtype)
   dy1 = gmm.grouped_matmul(g_PxD, w2g_FxD, tile_group_R, num_groups=E, group_axis="n", transpose_rhs=True,
-                           epilogue="square_relu_grad", aux_PxN=h, implementation=impl)
+                           epilogue="square_relu_grad", aux_PxN=h, implementation=impl, unused_tiles_last=True)
   dx = gmm.grouped_matmul(dy1, w1g_DxF, tile_group_R, num_groups=E, group_axis="k", transpose_rhs=True,
-                          implementation=impl)
+                          implementation=impl, unused_tiles_last=True)
   dw1 = gmm.grouped_matmul_t(x_PxD, dy1, tile_start_E, tiles_E, row_tile=rt, group_axis="n", implementation=impl)
   dw2 = gmm.grouped_matmul_t(h, g_PxD, tile_start_E, tiles_E, row_tile=rt, group_axis="m", implementation=impl)
   return dx, dw1.astype(w1g_DxF.dtype), dw2.astype(w2g_FxD.dtype), None, None, None
