@@ -330,6 +330,11 @@ OP_VARIANTS = {
                       for g in SWEEP_GEMMS},
     "snake": {g: dict(schedule="sorted_snake") for g in ("dw1", "dw2")},
     "chain": {g: dict(chain=True) for g in ("up", "down", "dh", "dx")},
+    # The tuned defaults (chain, sorted snake) switched off one at a time, and both.
+    "unchained": {g: dict(chain=False) for g in ("up", "down", "dh", "dx")},
+    "group_major": {g: dict(schedule="group_major") for g in ("dw1", "dw2")},
+    "untuned": {**{g: dict(chain=False) for g in ("up", "down", "dh", "dx")},
+                **{g: dict(schedule="group_major") for g in ("dw1", "dw2")}},
     "wgm_chain_snake": {g: dict(wg_split="m", **(dict(schedule="sorted_snake") if g.startswith("dw") else
                                                    dict(chain=True))) for g in SWEEP_GEMMS},
 }
@@ -584,9 +589,11 @@ def main(argv=None):
   p.add_argument("--max-seconds", type=float, default=1e9, help="stop starting benchmark configs after this")
   p.add_argument("--token-order-at", default="2,4,8,16",
                  help="E values at which 'ours' (weights in token order, permuted every step) is also timed")
-  p.add_argument("--op-variants", default="", help=f"after the benchmark: the whole op at 7b/1b E=8 under these "
+  p.add_argument("--op-variants", default="", help=f"after the benchmark: the whole op at 7b/1b (E from "
+                 f"--op-variant-experts) under these "
                  f"tuning variants ({','.join(OP_VARIANTS)}), each run twice in alternation, into *_sweep.json")
   p.add_argument("--op-variant-shapes", default="7b")
+  p.add_argument("--op-variant-experts", type=int, default=8)
   p.add_argument("--diag-seconds", type=float, default=1e9, help="stop starting op variants after this")
   p.add_argument("--no-bench", action="store_true")
   args = p.parse_args(argv)
@@ -648,7 +655,8 @@ def main(argv=None):
       if time.time() > deadline:
         log(f"--diag-seconds reached before {name}")
         break
-      sweep_op(name, 8, {v: OP_VARIANTS[v] for v in names}, diag, log, rounds=2, deadline=deadline)
+      sweep_op(name, args.op_variant_experts, {v: OP_VARIANTS[v] for v in names}, diag, log, rounds=2,
+               deadline=deadline)
       _util.write_results(os.path.splitext(args.out)[0] + "_sweep.json", diag)
 
 

@@ -54,3 +54,16 @@ def test_records_compare_every_variant_with_einsum_in_the_original_neuron_order(
   assert bench._tuning({"chain"}) == {g: dict(chain=True) for g in ("up", "down", "dh", "dx")}
   assert bench._variant("ours_grouped_weights_pgather_rt64") == ("ours_grouped_weights", {"rt64", "pgather"})
   assert bench._variant("einsum") == ("einsum", set())
+
+
+def test_op_variants_build_their_tile_configs():
+  # Every --op-variants entry names known GEMMs and valid TileConfig fields; "untuned" switches both tuned defaults
+  # (chained row-tile GEMMs, sorted-snake weight gradients) off.
+  for name, per_gemm in bench.OP_VARIANTS.items():
+    with bench.gmm_api.tuning(**per_gemm):
+      cfgs = {g: bench.gmm_api.kernel_config(g, 128, 4096, 1024) for g in bench.SWEEP_GEMMS}
+    assert cfgs, name
+  assert bench.gmm_api.kernel_config("up", 128, 4096, 1024).chain
+  with bench.gmm_api.tuning(**bench.OP_VARIANTS["untuned"]):
+    assert not any(bench.gmm_api.kernel_config(g, 128, 4096, 1024).chain for g in ("up", "down", "dh", "dx"))
+    assert {bench.gmm_api.kernel_config(g, 128, 4096, 1024).schedule for g in ("dw1", "dw2")} == {"group_major"}
