@@ -126,7 +126,10 @@ PACK_SWEEP = [
     _SP(1, 1024, num_warps=4, prefetch=3),
 ]
 # Unpack variants (block_rows, block_cols, num_warps, num_stages, words); the first is the default.
-UNPACK_SWEEP = [(None, None, 4, 1, False), (4, 1024, 4, 1, True), (4, 1024, 4, 2, False), (2, 2048, 8, 1, True)]
+# (block_rows, block_cols, num_warps, num_stages, placement): "" a prefix sum over the chunk, "words" over each word's
+# lanes, "popc" popcounts of the bitmask words.
+UNPACK_SWEEP = [(None, None, 4, 1, ""), (4, 1024, 4, 1, "words"), (4, 1024, 4, 2, ""), (2, 2048, 8, 1, "words"),
+                (4, 1024, 4, 1, "popc"), (4, 1024, 4, 2, "popc"), (8, 1024, 8, 2, "popc"), (2, 2048, 8, 2, "popc")]
 
 
 def _pack_bytes(n, nnz, square):
@@ -218,10 +221,11 @@ def bench_kernels(T, F, zeros_list, sweep: bool, top: int = 3, out: str | None =
           blocks=single_pass.fit_config(best, (T, F)).label())
 
     # Unpack (the backward's decompress), default blocks first.
-    for br, bc, nw, ns, words in (UNPACK_SWEEP if sweep and zeros == zeros_list[0] else UNPACK_SWEEP[:1]):
-      kw = dict(block_rows=br, block_cols=bc, num_warps=nw, num_stages=ns, words=words, interpret=_INTERPRET)
+    for br, bc, nw, ns, place in (UNPACK_SWEEP if sweep and zeros == zeros_list[0] else UNPACK_SWEEP[:1]):
+      kw = dict(block_rows=br, block_cols=bc, num_warps=nw, num_stages=ns, interpret=_INTERPRET,
+                **({place: True} if place else {}))
       d = kernels.default_blocks((T, F))
-      utag = dict(blocks=f"{br or d[0]}x{bc or d[1]}/w{nw}s{ns}{'/words' if words else ''}", warps=nw)
+      utag = dict(blocks=f"{br or d[0]}x{bc or d[1]}/w{nw}s{ns}{'/' + place if place else ''}", warps=nw)
       try:
         f_u2 = jax.jit(lambda b, o, v, kw=kw: kernels.unpack(b, o, v, (T, F), square_out=True, **kw))
         add("unpack_square", _time(f_u2, want_bits, offsets, want_values), bits_bytes + values_bytes + 2 * n * 2,

@@ -39,6 +39,8 @@ KERNELS = {
                      [S((R, C), BF16), S((R,), I32)], "triton"),
     "bitmask_unpack": (lambda b, o, v: compress.unpack(b, o, v, (R, C), square_out=True),
                        [S((R, C // 32), U32), S((R,), I32), S((R * C // 4,), BF16)], "triton"),
+    "bitmask_unpack_popc": (lambda b, o, v: compress.unpack(b, o, v, (R, C), square_out=True, popc=True),
+                            [S((R, C // 32), U32), S((R,), I32), S((R * C // 4,), BF16)], "triton"),
     "bitmask_single_pass": (lambda x: single_pass.pack(x, R * C // 4, relu=True, square_out=True),
                             [S((R, C), BF16)], "triton"),
     "gather_rows_triton": (lambda s, i: gather_triton.gather_rows(s, i), [S((16384, 4096), BF16), S((17408,), I32)],

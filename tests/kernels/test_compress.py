@@ -106,6 +106,27 @@ def test_kernels_walk_chunks_and_bands(impl, shape, blocks):
   assert_bitwise_equal(r, ref.unpack(expected))
 
 
+@pytest.mark.parametrize("placement", ["words", "popc"])
+@pytest.mark.parametrize("impl,shape,blocks", [
+    ("interpret", (8, 224), (4, 32)),
+    ("interpret", (6, 256), (2, 128)),
+    pytest.param("gpu", (48, 14336), (4, 1024), marks=pytest.mark.gpu),
+])
+def test_unpack_placements_match_reference(impl, shape, blocks, placement):
+  """The unpack's word-view placements (a lane prefix sum, or popcounts of the bitmask words) against the reference,
+  bit for bit, r and h, on a packing that overflowed (saturated row offsets, cleared bits in the last rows)."""
+  x = _sparse(shape, 0.3, jnp.bfloat16, seed=12)
+  cap = fmt.capacity_elements("t", shape, 0.25)
+  expected, _ = ref.pack(x, cap, relu=False, square_out=True)
+  br, bc = blocks
+  r, h = kernels.unpack(expected.bits, expected.row_offsets, expected.values, shape, square_out=True, block_rows=br,
+                        block_cols=bc, **{placement: True}, interpret=impl == "interpret")
+  want_r, want_h = ref.unpack(expected, square_out=True)
+  assert_bitwise_equal(r, want_r)
+  assert_bitwise_equal(h, want_h)
+  assert int(jnp.sum(r != 0)) == expected.capacity < float(expected.nnz)  # it really overflowed: the buffer is full
+
+
 def _single_pass_matches_reference(x, capacity, config, interpret, relu=True, square=True):
   cap = fmt.capacity_elements("t", x.shape, capacity)
   outs = single_pass.pack(x, cap, relu=relu, square_out=square, config=config, interpret=interpret)

@@ -40,6 +40,25 @@ def popcount(words):
   return jax.lax.population_count(jax.lax.bitcast_convert_type(words, jnp.int32))
 
 
+def word_positions(words, start):
+  """Where a chunk's elements go in the values buffer, from its bitmask words alone (no prefix sum over elements).
+
+  Args:
+    words: uint32 ``(br, bw)``, the chunk's bitmask.
+    start: int32 ``(br,)``, each row's position of its first element in this chunk.
+
+  Returns:
+    ``(pos, keep, next_start)``: int32 and bool ``(br, bw, 32)`` (the word view) -- the popcount of the words before
+    plus that of the lanes below in the word -- and ``start`` plus the chunk's per-row count.
+  """
+  shape = words.shape + (fmt.WORD_BITS,)
+  bits = lane_bits(shape)
+  word_nz = popcount(words)
+  wb = jnp.broadcast_to(words[:, :, None], shape)
+  pos = start[:, None, None] + _exclusive_prefix(word_nz, 1)[:, :, None] + popcount(wb & (bits - 1))
+  return pos, (wb & bits) != 0, start + jnp.sum(word_nz, axis=1)
+
+
 def nonzero_count(x, relu: bool):
   """Per-row non-zeros of ``reference.activation(x)`` for a 2-D or word-shaped 3-D chunk: int32 ``(br,)``."""
   nz = nonzero(x, relu).astype(jnp.int32)

@@ -142,12 +142,22 @@ def pack(x_RxC: jax.Array, row_offsets: jax.Array, capacity: int, *, relu: bool,
 # unpack
 
 
-def _unpack_kernel(bits_ref, offsets_ref, values_ref, r_ref, *h_ref, br: int, bc: int, chunks: int, words: bool):
+def _unpack_kernel(bits_ref, offsets_ref, values_ref, r_ref, *h_ref, br: int, bc: int, chunks: int, words: bool,
+                   popc: bool):
   bw = bc // fmt.WORD_BITS
   capacity = values_ref.shape[0]
 
   def body(k, start):
     w = bits_ref[:, pl.ds(pl.multiple_of(k * bw, bw), bw)]
+    if popc:  # (br, bw, 32) view, positions from popcounts: no prefix sum over the chunk's elements
+      pos, keep, next_start = chunks_lib.word_positions(w, start)
+      cols = (slice(None), pl.ds(pl.multiple_of(k * bw, bw), bw), slice(None))
+      r = pltriton.load(values_ref.at[jnp.where(keep, pos, capacity - 1)], mask=keep, other=0)
+      r = jnp.where(keep, r, jnp.zeros((), r.dtype))
+      r_ref[cols] = r
+      if h_ref:
+        h_ref[0][cols] = chunks_lib.kept_square(r, keep)
+      return next_start
     if words:  # (br, bw, 32) view: lane prefix plus the words before, no reshape
       shape = (br, bw, fmt.WORD_BITS)
       lanes = jax.lax.broadcasted_iota(jnp.uint32, shape, 2)
@@ -175,16 +185,18 @@ def _unpack_kernel(bits_ref, offsets_ref, values_ref, r_ref, *h_ref, br: int, bc
 
 def unpack(bits: jax.Array, row_offsets: jax.Array, values: jax.Array, shape: tuple[int, int], *,
            square_out: bool, block_rows: int | None = None, block_cols: int | None = None, num_warps: int = 4,
-           num_stages: int = 1, words: bool = False, interpret: bool = False):
+           num_stages: int = 1, words: bool = False, popc: bool = False, interpret: bool = False):
   """Dense ``r`` (and ``h`` with ``square_out``) from the packed arrays; ``words`` writes through the
-  ``(R, C/32, 32)`` view."""
+  ``(R, C/32, 32)`` view; ``popc`` (implies ``words``) places the values by popcounts of the bitmask words
+  (:func:`_chunks.word_positions`) instead of a prefix sum over each chunk's elements."""
   R, C = shape
   br, bc = _blocks(shape, block_rows, block_cols)
   capacity = values.shape[0]
+  words = words or popc
   dense = (R, C // fmt.WORD_BITS, fmt.WORD_BITS) if words else (R, C)
   dense_spec = pl.BlockSpec((br,) + dense[1:], lambda i: (i,) + (0,) * (len(dense) - 1))
   out_shape = [jax.ShapeDtypeStruct(dense, values.dtype)] * (2 if square_out else 1)
-  kernel = functools.partial(_unpack_kernel, br=br, bc=bc, chunks=C // bc, words=words)
+  kernel = functools.partial(_unpack_kernel, br=br, bc=bc, chunks=C // bc, words=words, popc=popc)
   out = pl.pallas_call(
       kernel, out_shape=tuple(out_shape), grid=(R // br,),
       in_specs=[pl.BlockSpec((br, C // fmt.WORD_BITS), lambda i: (i, 0)), pl.BlockSpec((br,), lambda i: (i,)),

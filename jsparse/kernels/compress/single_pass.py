@@ -241,18 +241,13 @@ def _band(t, x_ref, bits_ref, values_ref, offsets_ref, counts_ref, state_ref, h_
       chunks_lib.store_chunk(values_ref, x, pos, keep, capacity)  # relu(x) == x wherever it is stored
       return start
     # positions from the bitmask words: popcount of the words before plus of the lanes below in the word
-    bits = chunks_lib.lane_bits(x.shape)
     if cfg.reload:
       w = bits_ref[rows, _ds(k, bw)]
     else:
-      w = jnp.sum(jnp.where(chunks_lib.nonzero(x, relu), bits, jnp.uint32(0)), axis=2)
-    word_nz = chunks_lib.popcount(w)
-    wb = jnp.broadcast_to(w[:, :, None], x.shape)
-    pos = (start[:, None, None] + (jnp.cumsum(word_nz, axis=1) - word_nz)[:, :, None]
-           + chunks_lib.popcount(wb & (bits - 1)))
-    keep = (wb & bits) != 0
+      w = jnp.sum(jnp.where(chunks_lib.nonzero(x, relu), chunks_lib.lane_bits(x.shape), jnp.uint32(0)), axis=2)
+    pos, keep, start = chunks_lib.word_positions(w, start)
     chunks_lib.store_chunk(values_ref, x, pos, keep, capacity)  # relu(x) == x wherever it is stored
-    return start + jnp.sum(word_nz, axis=1)
+    return start
 
   def run(fn):
     if cfg.hold:
