@@ -149,36 +149,29 @@ def _unpack_kernel(bits_ref, offsets_ref, values_ref, r_ref, *h_ref, br: int, bc
 
   def body(k, start):
     w = bits_ref[:, pl.ds(pl.multiple_of(k * bw, bw), bw)]
+    word_cols = (slice(None), pl.ds(pl.multiple_of(k * bw, bw), bw), slice(None))
     if popc:  # (br, bw, 32) view, positions from popcounts: no prefix sum over the chunk's elements
       pos, keep, next_start = chunks_lib.word_positions(w, start)
-      cols = (slice(None), pl.ds(pl.multiple_of(k * bw, bw), bw), slice(None))
-      r = pltriton.load(values_ref.at[jnp.where(keep, pos, capacity - 1)], mask=keep, other=0)
-      r = jnp.where(keep, r, jnp.zeros((), r.dtype))
-      r_ref[cols] = r
-      if h_ref:
-        h_ref[0][cols] = chunks_lib.kept_square(r, keep)
-      return next_start
-    if words:  # (br, bw, 32) view: lane prefix plus the words before, no reshape
+      cols = word_cols
+    elif words:  # (br, bw, 32) view: lane prefix plus the words before, no reshape
       shape = (br, bw, fmt.WORD_BITS)
       lanes = jax.lax.broadcasted_iota(jnp.uint32, shape, 2)
       nz = ((jnp.broadcast_to(w[:, :, None], shape) >> lanes) & jnp.uint32(1)).astype(jnp.int32)
       word_nz = jnp.sum(nz, axis=2)
       pos = (start[:, None, None] + (jnp.cumsum(word_nz, axis=1) - word_nz)[:, :, None]
              + jnp.cumsum(nz, axis=2) - nz)
-      row_nz = jnp.sum(word_nz, axis=1)
-      cols = (slice(None), pl.ds(pl.multiple_of(k * bw, bw), bw), slice(None))
+      keep, next_start, cols = nz != 0, start + jnp.sum(word_nz, axis=1), word_cols
     else:
       nz = chunks_lib.unpack_words(w, br, bc).astype(jnp.int32)
       pos = start[:, None] + jnp.cumsum(nz, axis=1) - nz
-      row_nz = jnp.sum(nz, axis=1)
+      keep, next_start = nz != 0, start + jnp.sum(nz, axis=1)
       cols = (slice(None), pl.ds(pl.multiple_of(k * bc, bc), bc))
-    keep = nz != 0
     r = pltriton.load(values_ref.at[jnp.where(keep, pos, capacity - 1)], mask=keep, other=0)
     r = jnp.where(keep, r, jnp.zeros((), r.dtype))
     r_ref[cols] = r
     if h_ref:
       h_ref[0][cols] = chunks_lib.kept_square(r, keep)
-    return start + row_nz
+    return next_start
 
   jax.lax.fori_loop(0, chunks, body, offsets_ref[...])
 
