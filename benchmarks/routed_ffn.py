@@ -317,6 +317,8 @@ SWEEP_ONLY = {"n64": ("up", "dh"), "n64cl": ("up", "dh"), "cln": ("dw1", "dw2"),
 SWEEP_CATEGORIES = (("f1", "cl", "clf1", "cln"), ("m0", "w8", "m0w8"),
                     ("s3", "n64", "n64cl", "wgm", "wgmf1", "wgmcl", "chain", "wgmchain"))
 SWEEP_GEMMS = ("up", "down", "dh", "dx", "dw1", "dw2")
+_UNCHAINED = {g: dict(chain=False) for g in ("up", "down", "dh", "dx")}
+_GROUP_MAJOR = {g: dict(schedule="group_major") for g in ("dw1", "dw2")}
 # Whole-op tuning variants (--op-variants): single changes the GEMM sweep found faster in isolation.
 OP_VARIANTS = {
     "current": {},
@@ -331,10 +333,9 @@ OP_VARIANTS = {
     "snake": {g: dict(schedule="sorted_snake") for g in ("dw1", "dw2")},
     "chain": {g: dict(chain=True) for g in ("up", "down", "dh", "dx")},
     # The tuned defaults (chain, sorted snake) switched off one at a time, and both.
-    "unchained": {g: dict(chain=False) for g in ("up", "down", "dh", "dx")},
-    "group_major": {g: dict(schedule="group_major") for g in ("dw1", "dw2")},
-    "untuned": {**{g: dict(chain=False) for g in ("up", "down", "dh", "dx")},
-                **{g: dict(schedule="group_major") for g in ("dw1", "dw2")}},
+    "unchained": _UNCHAINED,
+    "group_major": _GROUP_MAJOR,
+    "untuned": {**_UNCHAINED, **_GROUP_MAJOR},
     "wgm_chain_snake": {g: dict(wg_split="m", **(dict(schedule="sorted_snake") if g.startswith("dw") else
                                                    dict(chain=True))) for g in SWEEP_GEMMS},
 }

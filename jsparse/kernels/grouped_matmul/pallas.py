@@ -247,6 +247,20 @@ def _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, ti
     else:
       rows, cols = slice(None), pl.ds(wg_idx * tn, tn)
 
+    def store_tile(out_tile, values):
+      """This warpgroup's tm x tn output tile to GMEM through its SMEM slots, one epilogue block at a time:
+      ``values(ms, ns, slot)`` gives the block (and may stage inputs in ``slot``, free once the wait below returns)."""
+      n_epi = tn // cfg.epi_tile_n
+      for mi in range(tm // cfg.epi_tile_m):
+        for ni in range(n_epi):
+          ms = slice(mi * cfg.epi_tile_m, (mi + 1) * cfg.epi_tile_m)
+          ns = slice(ni * cfg.epi_tile_n, (ni + 1) * cfg.epi_tile_n)
+          slot = (mi * n_epi + ni) % slots
+          plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+          out_smem[wg_idx, slot] = values(ms, ns, slot)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, slot], out_tile.at[ms, ns])
+
     @plgpu.nd_loop((n_tiles,), collective_axes="sm")
     def _tile_loop(loop_info):
       (lin,) = loop_info.index
@@ -267,23 +281,17 @@ def _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, ti
           eval_pipeline(acc_ref)
           acc = _epilogue_math(_kept(acc_ref[...], keep), epilogue, out_dtype)
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          n_epi = tn // cfg.epi_tile_n
-          for mi in range(tm // cfg.epi_tile_m):
-            for ni in range(n_epi):
-              ms = slice(mi * cfg.epi_tile_m, (mi + 1) * cfg.epi_tile_m)
-              ns = slice(ni * cfg.epi_tile_n, (ni + 1) * cfg.epi_tile_n)
-              slot = (mi * n_epi + ni) % slots
-              plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-              if aux_tile is not None:
-                barrier = aux_barrier.at[wg_idx * slots + slot]
-                plgpu.copy_gmem_to_smem(aux_tile.at[ms, ns], out_smem.at[wg_idx, slot], barrier)
-                plgpu.barrier_wait(barrier)
-                h = out_smem[wg_idx, slot].astype(jnp.float32)
-                out_smem[wg_idx, slot] = (acc[ms, ns] * 2.0 * jnp.sqrt(h)).astype(out_dtype)
-              else:
-                out_smem[wg_idx, slot] = acc[ms, ns]
-              plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, slot], out_tile.at[ms, ns])
+
+          def values(ms, ns, slot):
+            if aux_tile is None:
+              return acc[ms, ns]
+            barrier = aux_barrier.at[wg_idx * slots + slot]  # the aux block is staged in its output slot
+            plgpu.copy_gmem_to_smem(aux_tile.at[ms, ns], out_smem.at[wg_idx, slot], barrier)
+            plgpu.barrier_wait(barrier)
+            h = out_smem[wg_idx, slot].astype(jnp.float32)
+            return (acc[ms, ns] * 2.0 * jnp.sqrt(h)).astype(out_dtype)
+
+          store_tile(out_tile, values)
 
       def mma(_, a_smem, b_smem, acc_ref):
         plgpu.wgmma(acc_ref, *operands(a_smem, b_smem, rows, cols))
@@ -302,16 +310,7 @@ def _run_ws(a_gmem, b_gmem, out_gmem, aux_gmem, *, n_tiles, a_block, b_block, ti
 
         @pl.when(wg_idx < wgs)  # the compute warpgroups; the memory one has no SMEM tile of its own
         def _store_zeros():
-          n_epi = tn // cfg.epi_tile_n
-          for mi in range(tm // cfg.epi_tile_m):
-            for ni in range(n_epi):
-              slot = (mi * n_epi + ni) % slots
-              plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-              out_smem[wg_idx, slot] = jnp.zeros((cfg.epi_tile_m, cfg.epi_tile_n), out_dtype)
-              plgpu.commit_smem()
-              plgpu.copy_smem_to_gmem(out_smem.at[wg_idx, slot],
-                                      out_tile.at[pl.ds(mi * cfg.epi_tile_m, cfg.epi_tile_m),
-                                                  pl.ds(ni * cfg.epi_tile_n, cfg.epi_tile_n)])
+          store_tile(out_tile, lambda *_: jnp.zeros((cfg.epi_tile_m, cfg.epi_tile_n), out_dtype))
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
