@@ -34,6 +34,7 @@ import numpy as np
 import jsparse
 from benchmarks import _util
 from jsparse import remat
+from jsparse.kernels.compress import cuda as compress_cuda
 from jsparse.kernels.compress import format as fmt
 from jsparse.kernels.compress import pallas as kernels
 from jsparse.kernels.compress import single_pass
@@ -132,6 +133,12 @@ UNPACK_SWEEP = [(None, None, 4, 1, ""), (4, 1024, 4, 1, "words"), (4, 1024, 4, 2
                 (4, 1024, 4, 1, "popc"), (4, 1024, 4, 2, "popc"), (8, 1024, 8, 2, "popc"), (2, 2048, 8, 2, "popc")]
 
 
+def _default_impl(shape) -> str:
+  """What ``pack_bitmask(implementation=None)`` runs for a bfloat16 array of this shape here."""
+  from jsparse.kernels.compress import api
+  return api._resolve("bench", shape, jnp.bfloat16, None)
+
+
 def _pack_bytes(n, nnz, square):
   """Bytes a pack must move: read the input once, write the bitmask and the kept values (and h)."""
   return n * 2 + n // 8 + nnz * 2 + (n * 2 if square else 0)
@@ -220,6 +227,34 @@ def bench_kernels(T, F, zeros_list, sweep: bool, top: int = 3, out: str | None =
       add("pack_relu single-pass (no h)", _time(f_sp1, y), _pack_bytes(n, nnz, False),
           blocks=single_pass.fit_config(best, (T, F)).label())
 
+    # The CUDA kernels (jsparse's FFI library), where it builds: pack, then unpack.
+    if not _INTERPRET and compress_cuda.available()[0]:
+      try:
+        f_cu = jax.jit(lambda a: compress_cuda.pack(a, cap, relu=True, square_out=True))
+        bits, values, offs, cnt, h = f_cu(y)
+        exact = bool(jnp.array_equal(bits, want_bits) & jnp.array_equal(values, want_values)
+                     & jnp.array_equal(offs, offsets) & (jnp.sum(cnt) == jnp.sum(counts))
+                     & jnp.array_equal(h.view(jnp.uint16), want_h.view(jnp.uint16)))
+        del bits, values, offs, cnt, h
+        if not exact:
+          print("!! the CUDA pack differs from the Pallas kernels")
+        add("pack_relu_square cuda", _time(f_cu, y), _pack_bytes(n, nnz, True), exact=exact, implementation="cuda")
+        f_cu1 = jax.jit(lambda a: compress_cuda.pack(a, cap, relu=True, square_out=False))
+        add("pack_relu cuda (no h)", _time(f_cu1, y), _pack_bytes(n, nnz, False), implementation="cuda")
+        f_cu_u2 = jax.jit(lambda b, o, v: compress_cuda.unpack(b, o, v, (T, F), square_out=True))
+        r_cu, h_cu = f_cu_u2(want_bits, offsets, want_values)
+        want_r, want_rh = kernels.unpack(want_bits, offsets, want_values, (T, F), square_out=True)
+        exact = bool(jnp.array_equal(r_cu.view(jnp.uint16), want_r.view(jnp.uint16))
+                     & jnp.array_equal(h_cu.view(jnp.uint16), want_rh.view(jnp.uint16)))
+        del r_cu, h_cu, want_r, want_rh
+        add("unpack_square cuda", _time(f_cu_u2, want_bits, offsets, want_values),
+            bits_bytes + values_bytes + 2 * n * 2, exact=exact, implementation="cuda")
+        f_cu_u1 = jax.jit(lambda b, o, v: compress_cuda.unpack(b, o, v, (T, F), square_out=False))
+        add("unpack cuda", _time(f_cu_u1, want_bits, offsets, want_values), bits_bytes + values_bytes + n * 2,
+            implementation="cuda")
+      except Exception as e:
+        print(f"cuda kernels failed: {type(e).__name__}: {str(e)[:600]}", flush=True)
+
     # Unpack (the backward's decompress), default blocks first.
     for br, bc, nw, ns, place in (UNPACK_SWEEP if sweep and zeros == zeros_list[0] else UNPACK_SWEEP[:1]):
       kw = dict(block_rows=br, block_cols=bc, num_warps=nw, num_stages=ns, interpret=_INTERPRET,
@@ -235,26 +270,38 @@ def bench_kernels(T, F, zeros_list, sweep: bool, top: int = 3, out: str | None =
       except Exception as e:
         print(f"unpack {utag} failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
 
-    # End to end, against the XLA passes they replace in the FFN (forward relu^2; backward r^2).
-    e2e_pack = jax.jit(lambda a: jsparse.pack_bitmask(a, cap, relu=True, return_square=True))
-    packed, _ = e2e_pack(y)
-    t_pack, t_relu = _time(e2e_pack, y), _time(relu_sq, y)
-    add("pack_bitmask(relu, square) end to end", t_pack, _pack_bytes(n, nnz, True))
-    records.append(_util.record(BENCH, config=dict(cfg, kernel="pack_bitmask(relu, square) end to end"),
-                                metric="time", baseline="xla_relu_square", ours=t_pack, base=t_relu))
-    rows.append(dict(kernel="e2e pack vs xla relu^2", zeros=zeros, ms=t_pack, base_ms=t_relu))
-    e2e_unpack = jax.jit(lambda p: jsparse.unpack_bitmask(p, return_square=True))
+    # End to end, against the XLA passes they replace in the FFN (forward relu^2; backward r^2): the default
+    # implementation and, where it differs, the Pallas kernels.
+    t_relu = _time(relu_sq, y)
     r = relu_sq(y)
-    t_unpack, t_sq = _time(e2e_unpack, packed), _time(square, r)
-    records.append(_util.record(BENCH, config=dict(cfg, kernel="unpack_bitmask(square) end to end"),
-                                metric="time", baseline="xla_square", ours=t_unpack, base=t_sq))
-    rows.append(dict(kernel="e2e unpack vs xla r^2", zeros=zeros, ms=t_unpack, base_ms=t_sq))
+    t_sq = _time(square, r)
+    t_default = None
+    impls = [None] + (["pallas"] if _default_impl((T, F)) != "pallas" else [])
+    for impl in impls:
+      label = impl or _default_impl((T, F))
+      e2e_pack = jax.jit(lambda a, i=impl: jsparse.pack_bitmask(a, cap, relu=True, return_square=True,
+                                                                implementation=i))
+      packed, _ = e2e_pack(y)
+      t_pack = _time(e2e_pack, y)
+      t_default = t_default if impl else t_pack
+      add("pack_bitmask(relu, square) end to end", t_pack, _pack_bytes(n, nnz, True), implementation=label)
+      records.append(_util.record(BENCH, config=dict(cfg, kernel="pack_bitmask(relu, square) end to end",
+                                                     implementation=label),
+                                  metric="time", baseline="xla_relu_square", ours=t_pack, base=t_relu))
+      rows.append(dict(kernel=f"e2e pack vs xla relu^2 ({label})", zeros=zeros, ms=t_pack, base_ms=t_relu))
+      e2e_unpack = jax.jit(lambda p, i=impl: jsparse.unpack_bitmask(p, return_square=True, implementation=i))
+      t_unpack = _time(e2e_unpack, packed)
+      add("unpack_bitmask(square) end to end", t_unpack, bits_bytes + values_bytes + 2 * n * 2, implementation=label)
+      records.append(_util.record(BENCH, config=dict(cfg, kernel="unpack_bitmask(square) end to end",
+                                                     implementation=label),
+                                  metric="time", baseline="xla_square", ours=t_unpack, base=t_sq))
+      rows.append(dict(kernel=f"e2e unpack vs xla r^2 ({label})", zeros=zeros, ms=t_unpack, base_ms=t_sq))
     xla_pack = jax.jit(lambda a: jsparse.pack_bitmask(a, cap, relu=True, return_square=True, implementation="xla"))
     try:
       t_xla = _time(xla_pack, y, iters=2, rounds=2)
       records.append(_util.record(BENCH, config=dict(cfg, kernel="pack_bitmask(relu, square)"), metric="time",
-                                  baseline="xla_reference_pack", ours=t_pack, base=t_xla))
-      rows.append(dict(kernel="e2e pack vs xla reference pack", zeros=zeros, ms=t_pack, base_ms=t_xla))
+                                  baseline="xla_reference_pack", ours=t_default, base=t_xla))
+      rows.append(dict(kernel="e2e pack vs xla reference pack", zeros=zeros, ms=t_default, base_ms=t_xla))
     except Exception as e:
       print(f"xla reference pack failed: {e!r}"[:300])
     del y, packed, r, want_bits, want_values, want_h

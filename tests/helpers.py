@@ -41,6 +41,8 @@ def implementation(name: str):
       yield "pallas"
   elif name == "gpu":
     yield "pallas"
+  elif name == "cuda":  # ops with CUDA kernels of their own (the bitmask packer), GPU only
+    yield "cuda"
   else:
     raise ValueError(name)
 

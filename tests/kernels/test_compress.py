@@ -12,6 +12,8 @@ from jsparse.kernels.compress import reference as ref
 from jsparse.kernels.compress import single_pass
 from tests.helpers import IMPLEMENTATIONS, assert_bitwise_equal, implementation
 
+# The packer has CUDA kernels too (jsparse.kernels.compress.cuda): every op-level test runs them on a GPU.
+IMPLS = IMPLEMENTATIONS + [pytest.param("cuda", marks=pytest.mark.gpu)]
 DENSITIES = [0.5, 0.15, 0.05, 0.01, 1.0]  # 50%, 85%, 95%, 99% zeros, and all dense (adversarial)
 
 
@@ -32,7 +34,7 @@ def _expected_kept(x, capacity):
   return np.where(nz & (order < capacity), a, 0.0).reshape(x.shape)
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("density", DENSITIES)
 def test_roundtrip_exact_at_every_density(impl, density):
   x = _sparse((32, 256), density, seed=int(density * 100))
@@ -47,7 +49,7 @@ def test_roundtrip_exact_at_every_density(impl, density):
     assert_bitwise_equal(a, b)
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_relu_square_fused(impl, dtype):
   x = jax.random.normal(jax.random.key(3), (4, 8, 96), jnp.float32).astype(dtype)
@@ -65,7 +67,7 @@ def test_relu_square_fused(impl, dtype):
     assert_bitwise_equal(jnp.where(nan, 0, got), jnp.where(nan, 0, want))
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_overflow_drops_the_row_major_tail_and_reports_it(impl):
   x = _sparse((32, 128), 0.5, seed=7)
   nnz = int(jnp.sum(x != 0))
@@ -218,6 +220,47 @@ def test_errors(bad, match):
   x = jnp.ones(bad.get("shape", (4, 64)))
   with pytest.raises(ValueError, match=match):
     jsparse.pack_bitmask(x, bad.get("capacity", 0.5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,dtype,capacity,relu", [
+    ((16384, 1024), jnp.bfloat16, 0.08, True),  # 1024 bands in flight, overflowing: the look-back under contention
+    ((16384, 1024), jnp.bfloat16, 1.0, True),  # exact, the values tail zeroed by many zeroers
+    ((48, 14336), jnp.bfloat16, 0.2, True),  # rows straddle bands (the unpack's start from a row's earlier words)
+    ((1000, 96), jnp.float32, 0.25, False),  # many short rows per band, 4-element vectors, a partial last band
+    ((3, 32), jnp.float16, 1.0, True),  # one partial band
+])
+def test_cuda_kernels_match_reference(shape, dtype, capacity, relu):
+  """The CUDA pack and unpack, bit for bit the reference (bits, values, offsets, nnz, h, r), three times each: a race
+  in the look-back would show as a result that changes between runs."""
+  from jsparse.kernels.compress import cuda
+  x = _sparse(shape, 0.3, dtype, seed=17) - (0.1 if relu else 0.0)  # ~14% non-zero after relu, else 30%
+  x = x.at[1, 3].set(-0.0).at[2, 5].set(jnp.nan)  # -0.0 is not stored, NaN is (as a non-zero)
+  cap = fmt.capacity_elements("t", shape, capacity)
+  want, want_h = ref.pack(x, cap, relu=relu, square_out=True)
+  want_r, want_rh = ref.unpack(want, square_out=True)
+  for _ in range(3):
+    bits, values, offsets, counts, h = jax.jit(
+        lambda a: cuda.pack(a, cap, relu=relu, square_out=True))(x)
+    for got, exp in ((bits, want.bits), (values, want.values), (offsets, want.row_offsets), (h, want_h)):
+      assert_bitwise_equal(got, exp)
+    assert int(jnp.sum(counts)) == int(jnp.sum(ref.row_counts(x, relu)))
+    r, rh = jax.jit(lambda b, o, v: cuda.unpack(b, o, v, shape, square_out=True))(bits, offsets, values)
+    assert_bitwise_equal(r, want_r)
+    assert_bitwise_equal(rh, want_rh)
+    assert_bitwise_equal(jax.jit(lambda b, o, v: cuda.unpack(b, o, v, shape, square_out=False))(bits, offsets, values),
+                         want_r)
+  no_h = jax.jit(lambda a: cuda.pack(a, cap, relu=relu, square_out=False))(x)
+  assert_bitwise_equal(no_h[1], want.values)
+
+
+def test_explicit_cuda_without_gpu_raises():
+  if jax.default_backend() == "gpu":
+    pytest.skip("a GPU is present")
+  with pytest.raises(ValueError, match="implementation='cuda' cannot run here"):
+    jsparse.pack_bitmask(jnp.ones((4, 64)), implementation="cuda")
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    jsparse.pack_bitmask(jnp.ones((4, 64)), implementation="triton")
 
 
 def test_explicit_pallas_without_gpu_raises():

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jsparse.kernels import _common as common
+from jsparse.kernels.compress import cuda as compress_cuda
 from jsparse.kernels.compress import format as fmt
 from jsparse.kernels.compress import pallas as compress_pallas
 from jsparse.kernels.compress import reference as ref
@@ -20,9 +21,29 @@ def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
   return math.prod(shape[:-1]), shape[-1]
 
 
+IMPLEMENTATIONS = (None, "cuda", "pallas", "xla")
+
+
 def _resolve(op: str, shape: tuple[int, ...], dtype, implementation: str | None) -> str:
-  ok, why = compress_pallas.supports(_rows(shape), dtype)
-  return common.resolve_implementation(op, implementation, pallas_supports=ok, why_not=why)
+  """``"cuda"``, ``"pallas"`` or ``"xla"``: ``None`` takes the CUDA kernels where jsparse's CUDA library runs, else
+  the Pallas kernels on a GPU, else the reference."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"{op}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  rows = _rows(shape)
+  if implementation == "cuda":
+    ok, why = compress_cuda.supports(rows, dtype)
+    if not ok:
+      raise ValueError(f"{op}: implementation='cuda' does not support this input: {why}")
+    ok, why = compress_cuda.available()
+    if not ok:
+      raise ValueError(f"{op}: implementation='cuda' cannot run here: {why}")
+    return "cuda"
+  ok, why = compress_pallas.supports(rows, dtype)
+  impl = common.resolve_implementation(op, implementation, pallas_supports=ok, why_not=why)
+  if implementation is None and impl == "pallas" and not common.interpret_enabled():
+    if compress_cuda.supports(rows, dtype)[0] and compress_cuda.available()[0]:
+      return "cuda"
+  return impl
 
 
 def pack_bitmask(x: jax.Array, capacity: float | int = 0.25, *, relu: bool = False, return_square: bool = False,
@@ -56,9 +77,15 @@ def pack_bitmask(x: jax.Array, capacity: float | int = 0.25, *, relu: bool = Fal
   elements = fmt.capacity_elements(op, x.shape, capacity)
   shape = tuple(x.shape)
   x_RxC = x.reshape(_rows(shape))
-  if _resolve(op, shape, x.dtype, implementation) == "xla":
+  impl = _resolve(op, shape, x.dtype, implementation)
+  if impl == "xla":
     out = ref.pack(x_RxC, elements, relu=relu, square_out=return_square)
     packed, h = out if return_square else (out, None)
+  elif impl == "cuda":
+    outs = compress_cuda.pack(x_RxC, elements, relu=relu, square_out=return_square)
+    bits, values, offsets, counts = outs[:4]
+    h = outs[4] if return_square else None
+    packed = fmt.BitmaskPacked(bits, values, offsets, jnp.sum(counts.astype(jnp.float32)), x_RxC.shape)
   else:
     outs = single_pass.pack(x_RxC, elements, relu=relu, square_out=return_square,
                             interpret=common.interpret_enabled())
@@ -88,8 +115,11 @@ def unpack_bitmask(packed: BitmaskPacked, *, return_square: bool = False, implem
   shape = packed.shape
   rows = _rows(shape)
   flat = fmt.BitmaskPacked(packed.bits, packed.values, packed.row_offsets, packed.nnz, rows)
-  if _resolve(op, shape, packed.dtype, implementation) == "xla":
+  impl = _resolve(op, shape, packed.dtype, implementation)
+  if impl == "xla":
     out = ref.unpack(flat, square_out=return_square)
+  elif impl == "cuda":
+    out = compress_cuda.unpack(packed.bits, packed.row_offsets, packed.values, rows, square_out=return_square)
   else:
     # Two pipeline stages: unpack+square at 0.774x of copy against 0.694x with one on the H100 (benchmarks/results/
     # remat.json: --sections kernels, 16384 x 8192, 85% zeros, 4 x 1024 blocks); the run it replaced there measured

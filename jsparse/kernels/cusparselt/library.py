@@ -1,4 +1,4 @@
-"""Loads the cuSPARSELt FFI library (building it on first use) and registers its XLA FFI targets.
+"""Loads jsparse's CUDA FFI library (building it on first use) and registers its XLA FFI targets.
 
 FFI targets (platform ``CUDA``):
 
@@ -8,6 +8,8 @@ FFI targets (platform ``CUDA``):
   library's own compress.
 * ``jsparse_cslt_compress_t`` -- the same for the transpose of its input (2:4 along the input's first axis, no
   transposed copy), also copying out chosen rows unpruned (the 95/5 split's dense features).
+* ``jsparse_bitmask_pack`` / ``_pack_square``, ``jsparse_bitmask_unpack`` / ``_unpack_square`` -- the bitmask
+  packer's CUDA kernels (``csrc/bitmask.h``; :mod:`jsparse.kernels.compress.cuda`).
 
 Exported C functions (``ctypes``): compressed sizes, plan-cache statistics, layout-check status, plan info.
 """
@@ -26,7 +28,9 @@ from jsparse.kernels.cusparselt import build
 from jsparse.kernels.cusparselt.build import CuSparseLtUnavailableError
 
 TARGETS = {"jsparse_cslt_matmul": "JsparseCsltMatmul", "jsparse_cslt_compress": "JsparseCsltCompress",
-           "jsparse_cslt_compress_t": "JsparseCsltCompressT"}
+           "jsparse_cslt_compress_t": "JsparseCsltCompressT", "jsparse_bitmask_pack": "JsparseBitmaskPack",
+           "jsparse_bitmask_pack_square": "JsparseBitmaskPackSquare", "jsparse_bitmask_unpack": "JsparseBitmaskUnpack",
+           "jsparse_bitmask_unpack_square": "JsparseBitmaskUnpackSquare"}
 DTYPE_CODES = {jnp.dtype(jnp.bfloat16): 0, jnp.dtype(jnp.float16): 1, jnp.dtype(jnp.float8_e4m3fn): 2}
 STATS_FIELDS = ("plans_built", "plan_hits", "plan_evictions", "searches", "layout_checks", "layout_mismatches",
                 "live_plans", "compress_jsparse", "compress_library", "matmuls", "async_allocs")

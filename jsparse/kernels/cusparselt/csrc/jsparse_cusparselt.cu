@@ -1,5 +1,5 @@
-// jsparse's cuSPARSELt FFI library: the XLA FFI handlers for the 2:4 sparse GEMM and the compress op, and a few
-// exported C functions (sizes, statistics, plan info) read through ctypes.
+// jsparse's CUDA FFI library: the XLA FFI handlers for the cuSPARSELt 2:4 sparse GEMM and its compress op, the
+// bitmask packer (bitmask.h), and a few exported C functions (sizes, statistics, plan info) read through ctypes.
 //
 // Execute does no per-call setup: plans come from the process-wide cache (plan_cache.h), built on first use of a
 // shape. With search=1 the first call of a shape also runs cusparseLtMatmulSearch; it blocks, which is safe because
@@ -14,6 +14,7 @@
 #include <cstring>
 #include <string>
 
+#include "bitmask.h"
 #include "plan_cache.h"
 #include "sparsify24.h"
 #include "xla/ffi/api/ffi.h"
@@ -322,6 +323,191 @@ ffi::Error CompressTImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
+// Bitmask packer (bitmask.h): pack_bitmask / unpack_bitmask's CUDA path
+
+enum BitmaskDtype : int { kBitmaskBF16 = 0, kBitmaskF16 = 1, kBitmaskF32 = 2 };
+
+int bitmask_dtype(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::BF16: return kBitmaskBF16;
+    case ffi::DataType::F16: return kBitmaskF16;
+    case ffi::DataType::F32: return kBitmaskF32;
+    default: return -1;
+  }
+}
+
+// Tail zeroers of the pack: values-buffer elements each one owns.
+constexpr int64_t kBitmaskZeroSpan = 65536;
+
+bool is_shape(ffi::AnyBuffer::Dimensions d, std::initializer_list<int64_t> want) {
+  if (d.size() != want.size()) return false;
+  size_t i = 0;
+  for (int64_t w : want) {
+    if (d[i++] != w) return false;
+  }
+  return true;
+}
+
+// Checks the dense (R, C) array against the packed arrays' shapes; fills rows, cols, the 16-byte vectors per row and
+// the band count.
+Status bitmask_shapes(ffi::AnyBuffer::Dimensions dense, ffi::DataType dtype, ffi::AnyBuffer::Dimensions bits,
+                      ffi::AnyBuffer::Dimensions offsets, int64_t* rows, int64_t* cols, int64_t* row_vectors,
+                      int64_t* n_bands) {
+  if (bitmask_dtype(dtype) < 0) return "the dense array must be bfloat16, float16 or float32";
+  if (dense.size() != 2) return "the dense array must be 2-D";
+  *rows = dense[0];
+  *cols = dense[1];
+  if (*rows < 1 || *cols < 32 || *cols % 32) return "rows must be >= 1 and the row length a positive multiple of 32";
+  if (!is_shape(bits, {*rows, *cols / 32})) return "bits must be (rows, cols / 32)";
+  if (!is_shape(offsets, {*rows})) return "row_offsets must be (rows,)";
+  const int64_t elements_per_vector = 16 / int64_t(ffi::ByteWidth(dtype));
+  *row_vectors = *cols / elements_per_vector;
+  const int64_t n_vectors = *rows * *row_vectors;
+  *n_bands = (n_vectors + bitmask::kBandVectors - 1) / bitmask::kBandVectors;
+  return {};
+}
+
+template <typename T>
+Status launch_bitmask_pack(bool relu, bool square, const void* x, int64_t n_vectors, int64_t row_vectors,
+                           int64_t n_bands, int64_t capacity, void* bits, void* values, void* offsets, void* counts,
+                           void* h, unsigned long long* state, cudaStream_t stream) {
+  using Raw = typename bitmask::Elem<T>::Raw;
+  const int64_t n_zero = (capacity + kBitmaskZeroSpan - 1) / kBitmaskZeroSpan;
+  const dim3 grid(unsigned(n_bands + n_zero));
+  auto args = [&](auto kernel) {
+    kernel<<<grid, bitmask::kThreads, 0, stream>>>(
+        static_cast<const uint4*>(x), n_vectors, row_vectors, n_bands, capacity, kBitmaskZeroSpan,
+        static_cast<uint32_t*>(bits), static_cast<Raw*>(values), static_cast<int32_t*>(offsets),
+        static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
+  };
+  if (relu) {
+    square ? args(bitmask::pack_kernel<T, true, true>) : args(bitmask::pack_kernel<T, true, false>);
+  } else {
+    square ? args(bitmask::pack_kernel<T, false, true>) : args(bitmask::pack_kernel<T, false, false>);
+  }
+  JSPARSE_CUDA(cudaGetLastError());
+  return {};
+}
+
+Status bitmask_pack(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer x,
+                    ffi::Result<ffi::AnyBuffer> bits, ffi::Result<ffi::AnyBuffer> values,
+                    ffi::Result<ffi::AnyBuffer> offsets, ffi::Result<ffi::AnyBuffer> counts, ffi::AnyBuffer* h,
+                    int32_t relu) {
+  int64_t rows, cols, row_vectors, n_bands;
+  JSPARSE_RETURN_IF_ERROR(bitmask_shapes(x.dimensions(), x.element_type(), bits->dimensions(),
+                                         offsets->dimensions(), &rows, &cols, &row_vectors, &n_bands));
+  if (bits->element_type() != ffi::DataType::U32) return "bits must be uint32";
+  if (offsets->element_type() != ffi::DataType::S32) return "row_offsets must be int32";
+  if (counts->element_type() != ffi::DataType::S32 || !is_shape(counts->dimensions(), {n_bands})) {
+    return "band counts must be int32 (" + std::to_string(n_bands) + ",)";
+  }
+  if (values->element_type() != x.element_type() || values->dimensions().size() != 1) {
+    return "values must be 1-D with the input's dtype";
+  }
+  const int64_t capacity = values->dimensions()[0];
+  if (capacity < 1 || capacity >= (int64_t(1) << 30)) return "the capacity must be in [1, 2**30)";
+  if (h && (h->element_type() != x.element_type() || !is_shape(h->dimensions(), {rows, cols}))) {
+    return "h must match the input";
+  }
+  if (!aligned16(x.untyped_data()) || !aligned16(values->untyped_data()) || (h && !aligned16(h->untyped_data()))) {
+    return "buffers must be 16-byte aligned";
+  }
+  TempBuffer state(scratch, size_t(n_bands + 1) * sizeof(unsigned long long), stream);
+  if (!state) return "could not allocate the look-back flags";
+  JSPARSE_CUDA(cudaMemsetAsync(state.get(), 0, size_t(n_bands + 1) * sizeof(unsigned long long), stream));
+  auto* st = static_cast<unsigned long long*>(state.get());
+  void* hp = h ? h->untyped_data() : nullptr;
+  const int64_t n_vectors = rows * row_vectors;
+  switch (bitmask_dtype(x.element_type())) {
+    case kBitmaskBF16:
+      return launch_bitmask_pack<__nv_bfloat16>(relu, h, x.untyped_data(), n_vectors, row_vectors, n_bands, capacity,
+                                                bits->untyped_data(), values->untyped_data(),
+                                                offsets->untyped_data(), counts->untyped_data(), hp, st, stream);
+    case kBitmaskF16:
+      return launch_bitmask_pack<__half>(relu, h, x.untyped_data(), n_vectors, row_vectors, n_bands, capacity,
+                                         bits->untyped_data(), values->untyped_data(), offsets->untyped_data(),
+                                         counts->untyped_data(), hp, st, stream);
+    default:
+      return launch_bitmask_pack<float>(relu, h, x.untyped_data(), n_vectors, row_vectors, n_bands, capacity,
+                                        bits->untyped_data(), values->untyped_data(), offsets->untyped_data(),
+                                        counts->untyped_data(), hp, st, stream);
+  }
+}
+
+ffi::Error BitmaskPackImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                           ffi::Result<ffi::AnyBuffer> bits, ffi::Result<ffi::AnyBuffer> values,
+                           ffi::Result<ffi::AnyBuffer> offsets, ffi::Result<ffi::AnyBuffer> counts, int32_t relu) {
+  return to_ffi(bitmask_pack(stream, scratch, x, bits, values, offsets, counts, nullptr, relu), "bitmask_pack");
+}
+
+ffi::Error BitmaskPackSquareImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                                 ffi::Result<ffi::AnyBuffer> bits, ffi::Result<ffi::AnyBuffer> values,
+                                 ffi::Result<ffi::AnyBuffer> offsets, ffi::Result<ffi::AnyBuffer> counts,
+                                 ffi::Result<ffi::AnyBuffer> h, int32_t relu) {
+  ffi::AnyBuffer hb = *h;
+  return to_ffi(bitmask_pack(stream, scratch, x, bits, values, offsets, counts, &hb, relu), "bitmask_pack");
+}
+
+template <typename T>
+Status launch_bitmask_unpack(const void* bits, const void* offsets, const void* values, int64_t capacity,
+                             int64_t n_vectors, int64_t row_vectors, int64_t n_bands, void* r, void* h,
+                             cudaStream_t stream) {
+  using Raw = typename bitmask::Elem<T>::Raw;
+  auto args = [&](auto kernel) {
+    kernel<<<dim3(unsigned(n_bands)), bitmask::kThreads, 0, stream>>>(
+        static_cast<const uint32_t*>(bits), static_cast<const int32_t*>(offsets), static_cast<const Raw*>(values),
+        capacity, n_vectors, row_vectors, static_cast<uint4*>(r), static_cast<uint4*>(h));
+  };
+  h ? args(bitmask::unpack_kernel<T, true>) : args(bitmask::unpack_kernel<T, false>);
+  JSPARSE_CUDA(cudaGetLastError());
+  return {};
+}
+
+Status bitmask_unpack(cudaStream_t stream, ffi::AnyBuffer bits, ffi::AnyBuffer offsets, ffi::AnyBuffer values,
+                      ffi::Result<ffi::AnyBuffer> r, ffi::AnyBuffer* h) {
+  int64_t rows, cols, row_vectors, n_bands;
+  JSPARSE_RETURN_IF_ERROR(bitmask_shapes(r->dimensions(), r->element_type(), bits.dimensions(), offsets.dimensions(),
+                                         &rows, &cols, &row_vectors, &n_bands));
+  if (bits.element_type() != ffi::DataType::U32) return "bits must be uint32";
+  if (offsets.element_type() != ffi::DataType::S32) return "row_offsets must be int32";
+  if (values.element_type() != r->element_type() || values.dimensions().size() != 1 || values.dimensions()[0] < 1) {
+    return "values must be non-empty, 1-D, with the output's dtype";
+  }
+  if (h && (h->element_type() != r->element_type() || !is_shape(h->dimensions(), {rows, cols}))) {
+    return "h must match r";
+  }
+  if (!aligned16(values.untyped_data()) || !aligned16(r->untyped_data()) || (h && !aligned16(h->untyped_data()))) {
+    return "buffers must be 16-byte aligned";
+  }
+  const int64_t capacity = values.dimensions()[0], n_vectors = rows * row_vectors;
+  void* hp = h ? h->untyped_data() : nullptr;
+  switch (bitmask_dtype(r->element_type())) {
+    case kBitmaskBF16:
+      return launch_bitmask_unpack<__nv_bfloat16>(bits.untyped_data(), offsets.untyped_data(), values.untyped_data(),
+                                                  capacity, n_vectors, row_vectors, n_bands, r->untyped_data(), hp,
+                                                  stream);
+    case kBitmaskF16:
+      return launch_bitmask_unpack<__half>(bits.untyped_data(), offsets.untyped_data(), values.untyped_data(),
+                                           capacity, n_vectors, row_vectors, n_bands, r->untyped_data(), hp, stream);
+    default:
+      return launch_bitmask_unpack<float>(bits.untyped_data(), offsets.untyped_data(), values.untyped_data(),
+                                          capacity, n_vectors, row_vectors, n_bands, r->untyped_data(), hp, stream);
+  }
+}
+
+ffi::Error BitmaskUnpackImpl(cudaStream_t stream, ffi::AnyBuffer bits, ffi::AnyBuffer offsets, ffi::AnyBuffer values,
+                             ffi::Result<ffi::AnyBuffer> r) {
+  return to_ffi(bitmask_unpack(stream, bits, offsets, values, r, nullptr), "bitmask_unpack");
+}
+
+ffi::Error BitmaskUnpackSquareImpl(cudaStream_t stream, ffi::AnyBuffer bits, ffi::AnyBuffer offsets,
+                                   ffi::AnyBuffer values, ffi::Result<ffi::AnyBuffer> r,
+                                   ffi::Result<ffi::AnyBuffer> h) {
+  ffi::AnyBuffer hb = *h;
+  return to_ffi(bitmask_unpack(stream, bits, offsets, values, r, &hb), "bitmask_unpack");
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
 // Matmul
 
 enum Search : int { kSearchNone = 0, kSearchLibrary = 1 };
@@ -427,6 +613,46 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseCsltMatmul, jsparse::MatmulImpl,
                                   .Attr<int64_t>("k")
                                   .Attr<int32_t>("mode")
                                   .Attr<int32_t>("search"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseBitmaskPack, jsparse::BitmaskPackImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseBitmaskPackSquare, jsparse::BitmaskPackSquareImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseBitmaskUnpack, jsparse::BitmaskUnpackImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseBitmaskUnpackSquare, jsparse::BitmaskUnpackSquareImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 // ---------------------------------------------------------------------------------------------------------------------
 // Host helpers for Python (ctypes). They use the calling thread's current device.

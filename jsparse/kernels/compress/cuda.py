@@ -1,0 +1,73 @@
+"""CUDA kernels of the bitmask packer, called through the XLA FFI (``csrc/bitmask.h`` in jsparse's CUDA library).
+
+The Pallas kernels (:mod:`.single_pass`, :mod:`.pallas`) place every kept value with its own predicated store: Triton
+has no warp shuffles and no shared-memory staging, and the packer stays near half of copy bandwidth on the H100.
+These kernels compact each 16 KiB band with warp scans, stage its values in shared memory and write them as aligned
+16-byte vectors; the pack finds its bands' places in the values buffer with a decoupled look-back, in one pass.
+Same layout as the reference, bit for bit (:mod:`.format`).
+
+They run where jsparse's CUDA library builds (a CUDA GPU, nvcc and the cuSPARSELt wheel it links:
+:func:`jsparse.kernels.cusparselt.library.available`); elsewhere the ops use the Pallas kernels or the reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsparse.kernels.compress import format as fmt
+
+BAND_BYTES = 16384  # bitmask.h kBandBytes: 256 threads x 4 vectors x 16 bytes
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def supports(shape: tuple[int, int], dtype) -> tuple[bool, str]:
+  """Whether the kernels take a ``(rows, cols)`` array of this dtype (the caller checked ``cols % 32 == 0``)."""
+  if jnp.dtype(dtype) not in DTYPES:
+    return False, f"dtype {jnp.dtype(dtype)} is not one of bfloat16, float16, float32"
+  if len(shape) != 2 or shape[0] < 1 or shape[1] < fmt.WORD_BITS or shape[1] % fmt.WORD_BITS:
+    return False, f"expects a non-empty 2-D array with rows a multiple of 32 long, got shape {shape}"
+  return True, ""
+
+
+def available() -> tuple[bool, str]:
+  """(whether the CUDA library runs here, why not)."""
+  from jsparse.kernels.cusparselt import library
+  return library.available()
+
+
+def n_bands(shape: tuple[int, int], dtype) -> int:
+  """Bands of ``BAND_BYTES`` the flat array is cut into (the pack's per-band counts)."""
+  per_band = BAND_BYTES // jnp.dtype(dtype).itemsize
+  return -(-(shape[0] * shape[1]) // per_band)
+
+
+def pack(x_RxC: jax.Array, capacity: int, *, relu: bool, square_out: bool):
+  """Packs ``activation(x)`` in one kernel.
+
+  Returns:
+    ``(bits, values, row_offsets, band_counts)`` and, with ``square_out``, ``h``; ``band_counts`` are the non-zeros
+    of each band (before capacity), whose sum is ``nnz``.
+  """
+  from jsparse.kernels.cusparselt import library
+  library.load()
+  R, C = x_RxC.shape
+  dt = x_RxC.dtype
+  out = [jax.ShapeDtypeStruct((R, C // fmt.WORD_BITS), jnp.uint32), jax.ShapeDtypeStruct((capacity,), dt),
+         jax.ShapeDtypeStruct((R,), jnp.int32), jax.ShapeDtypeStruct((n_bands((R, C), dt),), jnp.int32)]
+  if square_out:
+    out.append(jax.ShapeDtypeStruct((R, C), dt))
+  target = "jsparse_bitmask_pack_square" if square_out else "jsparse_bitmask_pack"
+  call = jax.ffi.ffi_call(target, tuple(out), vmap_method="sequential")
+  return call(x_RxC, relu=np.int32(relu))
+
+
+def unpack(bits: jax.Array, row_offsets: jax.Array, values: jax.Array, shape: tuple[int, int], *, square_out: bool):
+  """Dense ``r`` (and ``h`` with ``square_out``) of the packed arrays."""
+  from jsparse.kernels.cusparselt import library
+  library.load()
+  dense = jax.ShapeDtypeStruct(tuple(shape), values.dtype)
+  target = "jsparse_bitmask_unpack_square" if square_out else "jsparse_bitmask_unpack"
+  call = jax.ffi.ffi_call(target, (dense, dense) if square_out else dense, vmap_method="sequential")
+  return call(bits, row_offsets, values)
