@@ -166,7 +166,7 @@ def bench_kernels(T, F, zeros_list, sweep: bool, top: int = 3, out: str | None =
     def add(name, t, nbytes, baseline="xla_copy", **extra):
       gbps = nbytes / t / 1e6
       rows.append(dict(kernel=name, zeros=zeros, ms=t, gbps=gbps, of_copy=gbps / gb_copy,
-                       **{k: v for k, v in extra.items() if k in ("blocks", "warps", "exact")}))
+                       **{k: v for k, v in extra.items() if k in ("blocks", "warps", "exact", "variant")}))
       print(f"  {name} {extra.get('blocks', '')}: {t:.4f} ms, {gbps:.0f} GB/s = {gbps / gb_copy:.3f} of copy",
             flush=True)
       records.append(_util.record(BENCH, config=dict(cfg, kernel=name, **extra), metric="gbps", baseline=baseline,
@@ -238,7 +238,17 @@ def bench_kernels(T, F, zeros_list, sweep: bool, top: int = 3, out: str | None =
         del bits, values, offs, cnt, h
         if not exact:
           print("!! the CUDA pack differs from the Pallas kernels")
-        add("pack_relu_square cuda", _time(f_cu, y), _pack_bytes(n, nnz, True), exact=exact, implementation="cuda")
+        add("pack_relu_square cuda", _time(f_cu, y), _pack_bytes(n, nnz, True), exact=exact, implementation="cuda",
+            variant=0, pack_variant=compress_cuda.PACK_VARIANTS[0])
+        for variant in (list(compress_cuda.PACK_VARIANTS)[1:] if sweep else []):
+          f_cv = jax.jit(lambda a, v=variant: compress_cuda.pack(a, cap, relu=True, square_out=True, variant=v))
+          bits, values, offs, cnt, h = f_cv(y)
+          exact = bool(jnp.array_equal(bits, want_bits) & jnp.array_equal(values, want_values)
+                       & jnp.array_equal(offs, offsets) & (jnp.sum(cnt) == jnp.sum(counts))
+                       & jnp.array_equal(h.view(jnp.uint16), want_h.view(jnp.uint16)))
+          del bits, values, offs, cnt, h
+          add("pack_relu_square cuda", _time(f_cv, y), _pack_bytes(n, nnz, True), exact=exact,
+              implementation="cuda", variant=variant, pack_variant=compress_cuda.PACK_VARIANTS[variant])
         f_cu1 = jax.jit(lambda a: compress_cuda.pack(a, cap, relu=True, square_out=False))
         add("pack_relu cuda (no h)", _time(f_cu1, y), _pack_bytes(n, nnz, False), implementation="cuda")
         f_cu_u2 = jax.jit(lambda b, o, v: compress_cuda.unpack(b, o, v, (T, F), square_out=True))
@@ -308,7 +318,7 @@ def bench_kernels(T, F, zeros_list, sweep: bool, top: int = 3, out: str | None =
     gc.collect()
     if out:  # partial results survive a run cut short
       _util.write_results(out, records)
-  _util.print_table(rows, ["kernel", "zeros", "blocks", "exact", "ms", "base_ms", "gbps", "of_copy"])
+  _util.print_table(rows, ["kernel", "zeros", "blocks", "variant", "exact", "ms", "base_ms", "gbps", "of_copy"])
   return records
 
 

@@ -142,7 +142,7 @@ def store_activation(r: jax.Array, *, kind: str = "bitmask", capacity: float | i
       already has that pattern, e.g. from :func:`jsparse.vnm_prune`) or ``"dense"`` (no compression, tag only).
     capacity: the bitmask's values buffer (fraction of ``r.size`` or element count).
     v, n, m: the V:N:M pattern for ``kind="vnm"``.
-    implementation: ``None``, ``"pallas"`` or ``"xla"`` (bitmask kernels).
+    implementation: ``None``, ``"cuda"``, ``"pallas"`` or ``"xla"`` (bitmask kernels).
 
   Returns:
     The stored pytree: ``r`` itself (``"dense"``, named :data:`FFN_ACT`), or a :class:`jsparse.BitmaskPacked` /
@@ -170,7 +170,7 @@ def load_activation(stored, *, return_square: bool = False, implementation: str 
   Args:
     stored: what :func:`store_activation` returned.
     return_square: also return ``r*r`` (float32 product rounded to ``r.dtype``); fused into the bitmask unpack.
-    implementation: ``None``, ``"pallas"`` or ``"xla"`` (bitmask kernels).
+    implementation: ``None``, ``"cuda"``, ``"pallas"`` or ``"xla"`` (bitmask kernels).
 
   Returns:
     ``r``, or ``(r, r*r)``.
@@ -205,7 +205,9 @@ def _activation_forward(y1: jax.Array, spec: _Spec):
   if spec.nm is None:
     source, relu = y1, True
   else:  # Haziza's 2:4 activation: keep the n largest pre-activations of every m, then relu.
-    _, mask = activation_api.squared_relu_nm(y1, *spec.nm, return_mask=True, implementation=spec.implementation)
+    # "cuda" names the bitmask kernels; the N:M selection has none of its own and takes its default.
+    select_impl = None if spec.implementation == "cuda" else spec.implementation
+    _, mask = activation_api.squared_relu_nm(y1, *spec.nm, return_mask=True, implementation=select_impl)
     source, relu = jnp.where(mask, compress_ref.activation(y1, True), jnp.zeros((), y1.dtype)), False
   if spec.store == "dense":
     r = compress_ref.activation(source, relu)
@@ -358,7 +360,8 @@ def squared_relu_ffn(x: jax.Array, w1: jax.Array, w2: jax.Array, *, remat: str =
       the squared ReLU; gradient masked by the same pattern), or ``None`` for the plain squared ReLU.
     return_stats: also return ``{"density", "dropped_fraction"}`` (float32 scalars): the activation's non-zero
       fraction and the fraction of its non-zeros that did not fit in ``capacity`` (0 unless it overflowed).
-    implementation: ``None``, ``"pallas"`` or ``"xla"`` for the pack/unpack kernels.
+    implementation: ``None``, ``"cuda"``, ``"pallas"`` or ``"xla"`` for the pack/unpack kernels (and, except
+      ``"cuda"``, the N:M selection's).
 
   Returns:
     ``out`` of shape ``(..., D_out)``, or ``(out, stats)`` with ``return_stats``.

@@ -254,6 +254,37 @@ def test_cuda_kernels_match_reference(shape, dtype, capacity, relu):
   assert_bitwise_equal(no_h[1], want.values)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,capacity", [((16384, 1024), 0.08), ((16384, 1024), 1.0), ((48, 14336), 0.2)])
+def test_cuda_pack_variants_match_reference(shape, capacity):
+  """Every launch configuration of the CUDA pack (bands of 8-32 KiB, register bounds, persistent blocks that load
+  their next band during the look-back), bit for bit the reference, overflowing and not."""
+  from jsparse.kernels.compress import cuda
+  x = _sparse(shape, 0.3, jnp.bfloat16, seed=19) - 0.1
+  cap = fmt.capacity_elements("t", shape, capacity)
+  want, want_h = ref.pack(x, cap, relu=True, square_out=True)
+  for variant in cuda.PACK_VARIANTS:
+    for _ in range(2):
+      bits, values, offsets, counts, h = jax.jit(
+          lambda a, v=variant: cuda.pack(a, cap, relu=True, square_out=True, variant=v))(x)
+      for got, exp in ((bits, want.bits), (values, want.values), (offsets, want.row_offsets), (h, want_h)):
+        assert_bitwise_equal(got, exp)
+      assert counts.shape == (cuda.n_bands(shape, x.dtype, variant),)
+      assert int(jnp.sum(counts)) == int(jnp.sum(ref.row_counts(x, True)))
+
+
+def test_cuda_supports_and_band_counts():
+  from jsparse.kernels.compress import cuda
+  assert cuda.supports((16384, 8192), jnp.bfloat16) == (True, "")
+  assert not cuda.supports((4, 64), jnp.int8)[0]
+  assert not cuda.supports((4, 48), jnp.float32)[0]  # rows not a multiple of 32
+  assert "int32" in cuda.supports((2**20, 2**16), jnp.bfloat16)[1]  # 2**36 bytes: 2**32 vectors
+  # bands: 256 threads x vectors per thread x 16 bytes; a partial last band counts
+  assert cuda.n_bands((16384, 8192), jnp.bfloat16) == 16384 * 8192 * 2 // (256 * 4 * 16)
+  assert cuda.n_bands((3, 32), jnp.float16) == 1
+  assert cuda.n_bands((16384, 8192), jnp.bfloat16, 3) == 16384 * 8192 * 2 // (256 * 8 * 16)
+
+
 def test_explicit_cuda_without_gpu_raises():
   if jax.default_backend() == "gpu":
     pytest.skip("a GPU is present")

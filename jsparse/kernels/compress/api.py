@@ -38,22 +38,22 @@ def _resolve(op: str, shape: tuple[int, ...], dtype, implementation: str | None)
     if not ok:
       raise ValueError(f"{op}: implementation='cuda' cannot run here: {why}")
     return "cuda"
-  ok, why = compress_pallas.supports(rows, dtype)
-  impl = common.resolve_implementation(op, implementation, pallas_supports=ok, why_not=why)
-  if implementation is None and impl == "pallas" and not common.interpret_enabled():
+  if implementation is None and common.on_gpu() and not common.interpret_enabled():
     if compress_cuda.supports(rows, dtype)[0] and compress_cuda.available()[0]:
       return "cuda"
-  return impl
+  ok, why = compress_pallas.supports(rows, dtype)
+  return common.resolve_implementation(op, implementation, pallas_supports=ok, why_not=why)
 
 
 def pack_bitmask(x: jax.Array, capacity: float | int = 0.25, *, relu: bool = False, return_square: bool = False,
                  implementation: str | None = None):
   """Packs the non-zeros of ``x`` (or of ``relu(x)``) into a bitmask + fixed-capacity values buffer.
 
-  One kernel on a GPU (:mod:`jsparse.kernels.compress.single_pass`): it reads ``x`` once, finds each band of rows'
-  place in the values buffer by a decoupled look-back over the bands before it, and writes the bitmask, the values
-  and ``h``. Non-zeros beyond ``capacity`` (the last ones in row-major order) are not
-  stored: check ``packed.dropped_fraction``, or size ``capacity`` above the density you expect.
+  One kernel on a GPU (:mod:`jsparse.kernels.compress.cuda`, or the Pallas
+  :mod:`jsparse.kernels.compress.single_pass` where jsparse's CUDA library does not build): it reads ``x`` once, finds
+  each band's place in the values buffer by a decoupled look-back over the bands before it, and writes the bitmask,
+  the values and ``h``. Non-zeros beyond ``capacity`` (the last ones in row-major order) are not stored: check
+  ``packed.dropped_fraction``, or size ``capacity`` above the density you expect.
 
   Args:
     x: floating array of rank >= 1; the last axis is a multiple of 32. Leading axes are flattened into rows.
@@ -62,13 +62,15 @@ def pack_bitmask(x: jax.Array, capacity: float | int = 0.25, *, relu: bool = Fal
     relu: pack ``relu(x)`` instead of ``x`` (NaN stays NaN), fused into the same passes.
     return_square: also return ``h = r*r`` (float32 product rounded to ``x.dtype``) of exactly the stored values,
       zeros elsewhere: the squared-ReLU activation, so a forward pass can compute with what the backward will see.
-    implementation: ``None``, ``"pallas"`` or ``"xla"``.
+    implementation: ``None`` (the CUDA kernels where jsparse's CUDA library runs, else the Pallas ones on a GPU, else
+      the reference), ``"cuda"``, ``"pallas"`` or ``"xla"``.
 
   Returns:
     :class:`BitmaskPacked` (``.shape`` is ``x.shape``), or ``(packed, h)`` with ``return_square``.
 
   Raises:
-    ValueError: non-floating ``x``, rank 0, last axis not a multiple of 32, or a bad ``capacity``.
+    ValueError: non-floating ``x``, rank 0, last axis not a multiple of 32, a bad ``capacity``, an unknown
+      ``implementation``, or one that cannot run here.
   """
   op = "pack_bitmask"
   common.check_floating(op, "x", x)
@@ -104,7 +106,7 @@ def unpack_bitmask(packed: BitmaskPacked, *, return_square: bool = False, implem
   Args:
     packed: from :func:`pack_bitmask`.
     return_square: also return ``r*r`` of it (float32 product rounded), fused into the same pass.
-    implementation: ``None``, ``"pallas"`` or ``"xla"``.
+    implementation: as in :func:`pack_bitmask`; any implementation unpacks any packing (one layout).
 
   Returns:
     ``r`` shaped ``packed.shape``, or ``(r, h)`` with ``return_square``.

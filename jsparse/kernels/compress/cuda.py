@@ -3,8 +3,10 @@
 The Pallas kernels (:mod:`.single_pass`, :mod:`.pallas`) place every kept value with its own predicated store: Triton
 has no warp shuffles and no shared-memory staging, and the packer stays near half of copy bandwidth on the H100.
 These kernels compact each 16 KiB band with warp scans, stage its values in shared memory and write them as aligned
-16-byte vectors; the pack finds its bands' places in the values buffer with a decoupled look-back, in one pass.
-Same layout as the reference, bit for bit (:mod:`.format`).
+16-byte vectors; the pack finds its bands' places in the values buffer with a decoupled look-back, in one pass, and
+writes everything that does not need that place (bitmask, ``h``, the staged values) before it looks back. Same
+layout as the reference, bit for bit (:mod:`.format`). H100, 16384 x 8192 bf16 (``benchmarks/results/remat.json``):
+pack 0.63-0.65x of copy bandwidth end to end (Pallas 0.45-0.48x), unpack + square 0.83-0.85x (Pallas 0.77-0.80x).
 
 They run where jsparse's CUDA library builds (a CUDA GPU, nvcc and the cuSPARSELt wheel it links:
 :func:`jsparse.kernels.cusparselt.library.available`); elsewhere the ops use the Pallas kernels or the reference.
@@ -18,7 +20,15 @@ import numpy as np
 
 from jsparse.kernels.compress import format as fmt
 
-BAND_BYTES = 16384  # bitmask.h kBandBytes: 256 threads x 4 vectors x 16 bytes
+# The pack's launch configurations (jsparse_cusparselt.cu, PackConfig): variant -> (vectors per thread, look-back
+# flags per lane, blocks per SM the registers must allow (0: no bound), persistent blocks). 0 is the default; the
+# others are bfloat16-only, for the benchmark's sweep.
+# Measured (benchmarks/results/remat.json) and kept for the sweep: an unbounded register count, 32 KiB bands, persistent
+# blocks; none beat the default. Measured and dropped from the code (H100, 16384 x 8192, 85% zeros): (4, 1, 5),
+# (2, 1, 8), (8, 1, 3), (6, 1, 3) spill registers and ran 0.39-0.58 ms against 0.32 ms for the default in the same
+# process; 64-256 ns back-offs in the look-back gained nothing.
+PACK_VARIANTS = {0: (4, 1, 4, False), 1: (4, 1, 0, False), 2: (8, 4, 2, False), 3: (8, 1, 2, False),
+                 8: (4, 1, 4, True), 9: (4, 1, 3, True), 10: (8, 1, 2, True)}
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -28,6 +38,9 @@ def supports(shape: tuple[int, int], dtype) -> tuple[bool, str]:
     return False, f"dtype {jnp.dtype(dtype)} is not one of bfloat16, float16, float32"
   if len(shape) != 2 or shape[0] < 1 or shape[1] < fmt.WORD_BITS or shape[1] % fmt.WORD_BITS:
     return False, f"expects a non-empty 2-D array with rows a multiple of 32 long, got shape {shape}"
+  vectors = shape[0] * shape[1] * jnp.dtype(dtype).itemsize // 16
+  if vectors >= 2**31 - 2 * 256 * 8:  # the pack indexes 16-byte vectors in int32 (jsparse_cusparselt.cu checks it too)
+    return False, f"{shape[0] * shape[1]} elements: the CUDA pack indexes 16-byte vectors in int32"
   return True, ""
 
 
@@ -37,13 +50,14 @@ def available() -> tuple[bool, str]:
   return library.available()
 
 
-def n_bands(shape: tuple[int, int], dtype) -> int:
-  """Bands of ``BAND_BYTES`` the flat array is cut into (the pack's per-band counts)."""
-  per_band = BAND_BYTES // jnp.dtype(dtype).itemsize
+def n_bands(shape: tuple[int, int], dtype, variant: int = 0) -> int:
+  """Bands the pack cuts the flat array into (its per-band counts): 256 threads x the variant's vectors per thread x
+  16 bytes each."""
+  per_band = 16 * 256 * PACK_VARIANTS[variant][0] // jnp.dtype(dtype).itemsize
   return -(-(shape[0] * shape[1]) // per_band)
 
 
-def pack(x_RxC: jax.Array, capacity: int, *, relu: bool, square_out: bool):
+def pack(x_RxC: jax.Array, capacity: int, *, relu: bool, square_out: bool, variant: int = 0):
   """Packs ``activation(x)`` in one kernel.
 
   Returns:
@@ -55,12 +69,12 @@ def pack(x_RxC: jax.Array, capacity: int, *, relu: bool, square_out: bool):
   R, C = x_RxC.shape
   dt = x_RxC.dtype
   out = [jax.ShapeDtypeStruct((R, C // fmt.WORD_BITS), jnp.uint32), jax.ShapeDtypeStruct((capacity,), dt),
-         jax.ShapeDtypeStruct((R,), jnp.int32), jax.ShapeDtypeStruct((n_bands((R, C), dt),), jnp.int32)]
+         jax.ShapeDtypeStruct((R,), jnp.int32), jax.ShapeDtypeStruct((n_bands((R, C), dt, variant),), jnp.int32)]
   if square_out:
     out.append(jax.ShapeDtypeStruct((R, C), dt))
   target = "jsparse_bitmask_pack_square" if square_out else "jsparse_bitmask_pack"
   call = jax.ffi.ffi_call(target, tuple(out), vmap_method="sequential")
-  return call(x_RxC, relu=np.int32(relu))
+  return call(x_RxC, relu=np.int32(relu), variant=np.int32(variant))
 
 
 def unpack(bits: jax.Array, row_offsets: jax.Array, values: jax.Array, shape: tuple[int, int], *, square_out: bool):

@@ -1,8 +1,10 @@
 """Pallas GPU kernels of the bitmask packer (Triton backend; CPU interpret twins): the two-pass packer and unpack.
 
-``jsparse.pack_bitmask`` packs with the single-pass kernel (:mod:`jsparse.kernels.compress.single_pass`, 1.4x faster
-end to end on the H100); ``count`` + ``pack`` here remain as its baseline in ``benchmarks/remat.py`` and its oracle's
-twin in the tests. ``unpack`` is what ``jsparse.unpack_bitmask`` runs.
+Where jsparse's CUDA library builds, ``jsparse.pack_bitmask`` / ``unpack_bitmask`` run its CUDA kernels
+(:mod:`jsparse.kernels.compress.cuda`); elsewhere on a GPU ``pack_bitmask`` packs with the Pallas single-pass kernel
+(:mod:`jsparse.kernels.compress.single_pass`, 1.4x faster end to end on the H100 than ``count`` + ``pack`` here, which
+remain as its baseline in ``benchmarks/remat.py`` and its oracle's twin in the tests) and ``unpack_bitmask`` runs
+``unpack``.
 
 Three kernels, each a grid over bands of ``block_rows`` rows that walks its band in chunks of ``block_cols``
 columns (so any row length that is a multiple of the chunk works, e.g. F = 14336):

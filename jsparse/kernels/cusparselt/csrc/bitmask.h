@@ -9,20 +9,22 @@
 // kept values leave the SM as aligned 16-byte stores. Triton (the Pallas backend of the jsparse packer) has neither:
 // there every value is its own predicated 2-byte store, and the packer tops out near half of copy bandwidth.
 //
-// Both kernels view the input as one flat row-major array cut into *bands* of kBandVectors 16-byte vectors (16 KiB):
-// 256 threads, each holding kItems vectors. Item `it` of lane l in warp w is vector w*32*kItems + it*32 + l of the
-// band (warp-striped: every load of a warp reads 512 contiguous bytes, and the band's row-major order is (warp, item,
+// Both kernels view the input as one flat row-major array cut into *bands*: 256 threads, each holding ITEMS 16-byte
+// vectors (16 KiB for ITEMS = 4). Item `it` of lane l in warp w is vector w*32*ITEMS + it*32 + l of the band
+// (warp-striped: every load of a warp reads 512 contiguous bytes, and the band's row-major order is (warp, item,
 // lane, element)). Rows are a multiple of 32 elements, so each bitmask word lies inside one band, split over the
 // LPW = 32 / N consecutive lanes of one item (N elements per vector).
 //
 // pack: one pass over the input, with a decoupled look-back over bands (Merrill & Garland, as in CUB's single-pass
 // scan):
 //   1. a band is a ticket from an atomic counter (bands are taken in order, so a band only ever waits for bands that
-//      running blocks hold); the block loads it into registers and counts its non-zeros;
-//   2. warp 0 publishes the count (the band's aggregate), adds its predecessors' flags 32 at a time back to the
-//      nearest inclusive prefix, and publishes its own inclusive prefix;
-//   3. positions come from the prefix and the block's warp/lane scans; bits and h are written as coalesced vectors;
-//      the kept values are staged in shared memory and written out as aligned 16-byte vectors.
+//      running blocks hold); the block loads it into registers, counts its non-zeros and publishes the count (the
+//      band's aggregate);
+//   2. it writes bits and h as coalesced vectors and stages its values in shared memory at their band-local
+//      positions (block and warp scans), assuming the band is within capacity;
+//   3. warp 0 adds its predecessors' flags back to the nearest inclusive prefix and publishes its own;
+//   4. it writes its row offsets and its staged values as aligned 16-byte vectors; a band that crosses the capacity
+//      rewrites its bits and h with the cut (re-reading the input) first.
 //   Tickets past the last band zero the values buffer's unused tail once the last band's inclusive prefix is out.
 //   Flags are 64-bit: status (1 aggregate, 2 inclusive prefix) in the high word, the count saturated at the capacity
 //   in the low word, so one store publishes both and no reader sees half of it.
@@ -41,9 +43,8 @@ namespace bitmask {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kItems = 4;
+constexpr int kItems = 4;  // the unpack's vectors per thread (the pack's are in its PackConfig)
 constexpr int kBandVectors = kThreads * kItems;
-constexpr int kBandBytes = kBandVectors * 16;  // the Python wrapper's BAND_BYTES
 constexpr unsigned kFull = 0xffffffffu;
 constexpr unsigned long long kAggregate = 1ull << 32;
 constexpr unsigned long long kInclusive = 2ull << 32;
@@ -137,11 +138,12 @@ __device__ __forceinline__ long long warp_sum(long long v) {
 
 // Positions inside the band: base[it] = stored elements of the band before item `it`'s vector in row-major order,
 // from each thread's masks; returns the band's total. Uses (and leaves synchronised) s_warp[kWarps].
-__device__ __forceinline__ int band_scan(const uint32_t (&m)[kItems], int (&base)[kItems], int* s_warp) {
+template <int ITEMS>
+__device__ __forceinline__ int band_scan(const uint32_t (&m)[ITEMS], int (&base)[ITEMS], int* s_warp) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int running = 0;
 #pragma unroll
-  for (int it = 0; it < kItems; ++it) {
+  for (int it = 0; it < ITEMS; ++it) {
     const int c = __popc(m[it]);
     const int s = warp_inclusive_scan(c, lane);
     base[it] = running + s - c;
@@ -157,7 +159,7 @@ __device__ __forceinline__ int band_scan(const uint32_t (&m)[kItems], int (&base
     total += t;
   }
 #pragma unroll
-  for (int it = 0; it < kItems; ++it) base[it] += before;
+  for (int it = 0; it < ITEMS; ++it) base[it] += before;
   return total;
 }
 
@@ -170,23 +172,52 @@ __device__ __forceinline__ unsigned long long flag_load(const unsigned long long
 }
 
 // Waits (bounded) until flag p has at least status `status` (1: an aggregate or more, 2: the inclusive prefix).
+// BACKOFF > 0: sleeps between reads, from 8 ns doubling up to BACKOFF ns. The tail zeroers back off: they may wait
+// for the last band from early on. The look-back does not: it measured no faster with 64-256 ns back-offs.
+template <int BACKOFF = 0>
 __device__ __forceinline__ unsigned long long flag_wait(const unsigned long long* p, unsigned status = 1) {
   unsigned long long f = flag_load(p);
-  for (int spins = 0; (f >> 32) < status && spins < kMaxSpins; ++spins) f = flag_load(p);
+  unsigned ns = 8;
+  for (int spins = 0; (f >> 32) < status && spins < kMaxSpins; ++spins) {
+    if (BACKOFF > 0) {
+      __nanosleep(ns);
+      ns = min(2 * ns, unsigned(BACKOFF > 0 ? BACKOFF : 1));
+    }
+    f = flag_load(p);
+  }
   return f;
 }
 
-// Exclusive prefix of `band` (saturated at capacity), by warp 0: lane l reads the flag of band end - l, and the
-// window moves back 32 bands until it holds an inclusive prefix.
+// Exclusive prefix of `band` (saturated at capacity), by warp 0. A window of 32 * Q flags is read at once: lane l
+// holds bands end - (Q l + q), q < Q (nearest first), and the window moves back until it holds an inclusive prefix.
+// Wider windows matter because a band in flight far ahead of the last inclusive prefix walks back one L2 round trip
+// per window; the walk's length bounds how many bands per microsecond the pack can retire.
+template <int Q>
 __device__ __forceinline__ long long look_back(const unsigned long long* flags, long long band, long long capacity) {
   const int lane = threadIdx.x & 31;
   long long prefix = 0;
-  for (long long end = band - 1;; end -= 32) {
-    const long long j = end - lane;
-    const unsigned long long f = j >= 0 ? flag_wait(flags + j) : kInclusive;  // before band 0: inclusive 0
-    const unsigned inclusive = __ballot_sync(kFull, (f >> 32) == 2);
-    const int stop = inclusive ? __ffs(inclusive) - 1 : 31;  // lanes 0..stop add in
-    prefix = min(prefix + warp_sum(lane <= stop ? (long long)(f & 0xffffffffull) : 0ll), capacity);
+  for (long long end = band - 1;; end -= 32 * Q) {
+    unsigned long long f[Q];
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {  // all loads in flight at once
+      const long long j = end - (Q * lane + q);
+      f[q] = j >= 0 ? flag_load(flags + j) : kInclusive;  // before band 0: an inclusive prefix of 0
+    }
+    int first = Q;  // this lane's nearest inclusive prefix
+#pragma unroll
+    for (int q = Q - 1; q >= 0; --q) {
+      const long long j = end - (Q * lane + q);
+      if ((f[q] >> 32) == 0 && j >= 0) f[q] = flag_wait(flags + j);
+      if ((f[q] >> 32) == 2) first = q;
+    }
+    const unsigned inclusive = __ballot_sync(kFull, first < Q);
+    const int stop = inclusive ? __ffs(inclusive) - 1 : 32;  // lanes before it add everything, it adds q <= first
+    long long add = 0;
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      if (lane < stop || (lane == stop && q <= first)) add += (long long)(f[q] & 0xffffffffull);
+    }
+    prefix = min(prefix + warp_sum(add), capacity);
     if (inclusive) return prefix;
   }
 }
@@ -238,7 +269,7 @@ __device__ void zero_tail(typename Elem<T>::Raw* values, const unsigned long lon
   constexpr int N = Vec<T>::N;
   __shared__ long long s_total;
   if (threadIdx.x == 0) {
-    const unsigned long long f = flag_wait(flags + n_bands - 1, 2);
+    const unsigned long long f = flag_wait<1024>(flags + n_bands - 1, 2);
     s_total = min((long long)(f & 0xffffffffull), capacity);
   }
   __syncthreads();
@@ -252,88 +283,240 @@ __device__ void zero_tail(typename Elem<T>::Raw* values, const unsigned long lon
   for (long long k = first + threadIdx.x; k < last; k += kThreads) out[k] = make_uint4(0, 0, 0, 0);
 }
 
-// state: [0] the ticket counter, [1 + b] band b's flag; zeroed before the launch. Grid: n_bands + tail zeroers.
-template <typename T, bool RELU, bool SQUARE>
-__global__ void __launch_bounds__(kThreads)
-    pack_kernel(const uint4* __restrict__ x, long long n_vectors, long long row_vectors, long long n_bands,
-                long long capacity, long long zero_span, uint32_t* __restrict__ bits,
-                typename Elem<T>::Raw* __restrict__ values, int32_t* __restrict__ row_offsets,
-                int32_t* __restrict__ band_counts, uint4* __restrict__ h, unsigned long long* __restrict__ state) {
-  using Raw = typename Elem<T>::Raw;
-  constexpr int N = Vec<T>::N;
-  constexpr int LPW = 32 / N;
-  __shared__ long long s_band, s_prefix;
-  __shared__ int s_warp[kWarps];
-  __shared__ Raw s_values[kBandVectors * N];
-  unsigned long long* flags = state + 1;
-  if (threadIdx.x == 0) s_band = (long long)atomicAdd(state, 1ull);
-  __syncthreads();
-  const long long band = s_band;
-  if (band >= n_bands) {
-    zero_tail<T>(values, flags, n_bands, capacity, band - n_bands, zero_span);
-    return;
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const long long v0 = band * kBandVectors + warp * 32 * kItems + lane;
+// The pack's launch configurations: vectors per thread (a band is 256 * ITEMS vectors), flags per lane of the
+// look-back (a window of 32 * LOOK_BACK bands), and the blocks per SM the registers must allow (0: no bound).
+// PERSISTENT: one block per resident slot walks band after band, and loads its next band while it looks back for the
+// current one (pack_kernel_persistent).
+template <int ITEMS_, int LOOK_BACK_, int MIN_BLOCKS_, bool PERSISTENT_ = false>
+struct PackConfig {
+  static constexpr int ITEMS = ITEMS_, LOOK_BACK = LOOK_BACK_, MIN_BLOCKS = MIN_BLOCKS_ ? MIN_BLOCKS_ : 1;
+  static constexpr bool PERSISTENT = PERSISTENT_;
+};
 
-  // 1. load and count
-  Vec<T> xv[kItems];
-  uint32_t m[kItems];
+// Loads this thread's vectors of the band (zeros past the end), their nonzero masks, and their band-local positions;
+// returns the band's total.
+template <typename T, bool RELU, int ITEMS>
+__device__ __forceinline__ int load_band(const uint4* __restrict__ x, int v0, int n_vectors, Vec<T> (&xv)[ITEMS],
+                                         uint32_t (&m)[ITEMS], int (&base)[ITEMS], int* s_warp) {
 #pragma unroll
-  for (int it = 0; it < kItems; ++it) {
-    const long long v = v0 + it * 32;
+  for (int it = 0; it < ITEMS; ++it) {
+    const int v = v0 + it * 32;
     xv[it].v = v < n_vectors ? __ldcs(x + v) : make_uint4(0, 0, 0, 0);  // read once: evict first
     m[it] = nonzero_mask<T, RELU>(xv[it]);
   }
-  int base[kItems];
-  const int total = band_scan(m, base, s_warp);
+  return band_scan<ITEMS>(m, base, s_warp);
+}
 
-  // 2. look back
-  if (warp == 0) {
-    const long long aggregate = min((long long)total, capacity);
+// Writes the bits and h of this thread's vectors for the stored elements `keep` (all lanes of the warp call it).
+template <typename T, bool SQUARE>
+__device__ __forceinline__ void store_bits_h(int v, int n_vectors, uint32_t keep, const Vec<T>& xv,
+                                             uint32_t* __restrict__ bits, uint4* __restrict__ h) {
+  constexpr int N = Vec<T>::N;
+  constexpr int LPW = 32 / N;
+  const int lane = threadIdx.x & 31;
+  uint32_t word = keep << (N * (lane % LPW));
+#pragma unroll
+  for (int d = 1; d < LPW; d <<= 1) word |= __shfl_xor_sync(kFull, word, d);
+  if (v >= n_vectors) return;
+  if (lane % LPW == 0) bits[v / LPW] = word;
+  if (SQUARE) {
+    Vec<T> hv;
+#pragma unroll
+    for (int e = 0; e < N; ++e) hv.e[e] = (keep >> e) & 1u ? square<T>(xv.e[e]) : typename Elem<T>::Raw(0);
+    __stcs(h + v, hv.v);
+  }
+}
+
+// A band that crosses the capacity (only when the whole input overflows): its bits and h again, with the cut. The
+// same threads wrote the same words and vectors before, so program order makes these the final ones.
+template <typename T, bool RELU, bool SQUARE, int ITEMS>
+__device__ __noinline__ void cut_band(const uint4* __restrict__ x, int v0, int n_vectors, long long prefix,
+                                      long long capacity, uint32_t* __restrict__ bits, uint4* __restrict__ h,
+                                      int* s_warp) {
+  Vec<T> xv[ITEMS];
+  uint32_t m[ITEMS];
+  int base[ITEMS];
+  __syncthreads();  // s_warp is reused
+  load_band<T, RELU, ITEMS>(x, v0, n_vectors, xv, m, base, s_warp);
+#pragma unroll
+  for (int it = 0; it < ITEMS; ++it) {
+    const uint32_t keep = lowest_bits<Vec<T>::N>(m[it], capacity - (prefix + base[it]));
+    store_bits_h<T, SQUARE>(v0 + it * 32, n_vectors, keep, xv[it], bits, h);
+  }
+}
+
+// One band's place in the pack: its index, first vector, this thread's first vector, and the first row that starts
+// in it. Vector indices are int32: the handler checks n_vectors < 2**31.
+struct BandPos {
+  int band, first, v0, first_row;
+  template <int ITEMS>
+  static __device__ __forceinline__ BandPos of(int band, int row_vectors) {
+    const int first = band * kThreads * ITEMS;
+    return {band, first, first + (int(threadIdx.x) >> 5) * 32 * ITEMS + (int(threadIdx.x) & 31),
+            (first + row_vectors - 1) / row_vectors};
+  }
+};
+
+// Step 1's end: the band's aggregate (band 0: its inclusive prefix) and its count.
+__device__ __forceinline__ void publish_aggregate(unsigned long long* flags, int band, int total, long long capacity,
+                                                  int32_t* band_counts) {
+  if (threadIdx.x != 0) return;
+  flag_store(flags + band, (band == 0 ? kInclusive : kAggregate) | (unsigned long long)min((long long)total, capacity));
+  band_counts[band] = total;
+}
+
+// Step 2: bits and h, the values staged in shared memory and the rows' band-local starts, as if the band were within
+// capacity (it is unless the whole input overflows: cut_band then redoes bits and h). None of it needs the prefix,
+// so it runs before the look-back, and by then the predecessors have mostly published theirs.
+template <typename T, bool SQUARE, int ITEMS>
+__device__ __forceinline__ void stage_band(const BandPos& p, int n_vectors, int row_vectors, const Vec<T> (&xv)[ITEMS],
+                                           const uint32_t (&m)[ITEMS], const int (&base)[ITEMS],
+                                           uint32_t* __restrict__ bits, uint4* __restrict__ h, int* s_rows,
+                                           typename Elem<T>::Raw* s_values) {
+#pragma unroll
+  for (int it = 0; it < ITEMS; ++it) {
+    const int v = p.v0 + it * 32;
+    store_bits_h<T, SQUARE>(v, n_vectors, m[it], xv[it], bits, h);
+    if (v >= n_vectors) continue;
+    if (v % row_vectors == 0) s_rows[v / row_vectors - p.first_row] = base[it];
+    int local = base[it];
+#pragma unroll
+    for (int e = 0; e < Vec<T>::N; ++e) {
+      if ((m[it] >> e) & 1u) s_values[local++] = xv[it].e[e];
+    }
+  }
+}
+
+// Step 3: the band's exclusive prefix (warp 0 looks back and publishes the inclusive prefix), for the whole block.
+template <int LOOK_BACK>
+__device__ __forceinline__ long long band_prefix(unsigned long long* flags, int band, int total, long long capacity,
+                                                 long long* s_prefix) {
+  if (threadIdx.x < 32) {
     long long prefix = 0;
-    if (band == 0) {
-      if (lane == 0) flag_store(flags, kInclusive | (unsigned long long)aggregate);
-    } else {
-      if (lane == 0) flag_store(flags + band, kAggregate | (unsigned long long)aggregate);
-      prefix = look_back(flags, band, capacity);
-      if (lane == 0) flag_store(flags + band, kInclusive | (unsigned long long)min(prefix + aggregate, capacity));
+    if (band > 0) {
+      prefix = look_back<LOOK_BACK>(flags, band, capacity);
+      if (threadIdx.x == 0) flag_store(flags + band, kInclusive | (unsigned long long)min(prefix + total, capacity));
     }
-    if (lane == 0) {
-      s_prefix = prefix;
-      band_counts[band] = total;
-    }
+    if (threadIdx.x == 0) *s_prefix = prefix;
   }
-  __syncthreads();
-  const long long prefix = s_prefix;
+  __syncthreads();  // the prefix, every staged value and row start
+  return *s_prefix;
+}
 
-  // 3. bits, row offsets, h; values staged in shared memory
-#pragma unroll
-  for (int it = 0; it < kItems; ++it) {
-    const long long v = v0 + it * 32;
-    const long long pos = prefix + base[it];
-    uint32_t keep = m[it];
-    if (pos + __popc(keep) > capacity) keep = lowest_bits<N>(keep, capacity - pos);
-    uint32_t word = keep << (N * (lane % LPW));
-#pragma unroll
-    for (int d = 1; d < LPW; d <<= 1) word |= __shfl_xor_sync(kFull, word, d);
-    if (v < n_vectors) {
-      if (lane % LPW == 0) bits[v / LPW] = word;
-      if (v % row_vectors == 0) row_offsets[v / row_vectors] = int32_t(min(pos, capacity));
-      Vec<T> hv;
-      int local = base[it];
-#pragma unroll
-      for (int e = 0; e < N; ++e) {
-        const bool kept = (keep >> e) & 1u;
-        if (SQUARE) hv.e[e] = kept ? square<T>(xv[it].e[e]) : Raw(0);
-        if (kept) s_values[local++] = xv[it].e[e];
-      }
-      if (SQUARE) __stcs(h + v, hv.v);
-    }
+// Step 4: row offsets, the cut (if the band crosses the capacity), the values.
+template <typename T, bool RELU, bool SQUARE, int ITEMS>
+__device__ __forceinline__ void write_band(const BandPos& p, int total, long long prefix, const uint4* __restrict__ x,
+                                           int n_vectors, int row_vectors, long long capacity,
+                                           uint32_t* __restrict__ bits, typename Elem<T>::Raw* __restrict__ values,
+                                           int32_t* __restrict__ row_offsets, uint4* __restrict__ h,
+                                           const int* s_rows, const typename Elem<T>::Raw* s_values, int* s_warp) {
+  const int last = min(p.first + kThreads * ITEMS, n_vectors);
+  const int n_rows = (last + row_vectors - 1) / row_vectors - p.first_row;
+  for (int i = threadIdx.x; i < n_rows; i += kThreads) {
+    row_offsets[p.first_row + i] = int32_t(min(prefix + s_rows[i], capacity));
   }
+  if (prefix + total > capacity) {  // uniform across the block
+    cut_band<T, RELU, SQUARE, ITEMS>(x, p.v0, n_vectors, prefix, capacity, bits, h, s_warp);
+  }
+  store_staged<T>(values, s_values, prefix, int(min(prefix + total, capacity) - prefix));
+}
+
+// state: [0] the ticket counter, [1 + b] band b's flag; zeroed before the launch. Grid: n_bands + tail zeroers.
+template <typename T, bool RELU, bool SQUARE, typename CFG>
+__global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
+    pack_kernel(const uint4* __restrict__ x, int n_vectors, int row_vectors, int n_bands, long long capacity,
+                long long zero_span, uint32_t* __restrict__ bits, typename Elem<T>::Raw* __restrict__ values,
+                int32_t* __restrict__ row_offsets, int32_t* __restrict__ band_counts, uint4* __restrict__ h,
+                unsigned long long* __restrict__ state) {
+  using Raw = typename Elem<T>::Raw;
+  constexpr int ITEMS = CFG::ITEMS;
+  constexpr int BAND = kThreads * ITEMS;
+  __shared__ long long s_prefix;
+  __shared__ int s_band;
+  __shared__ int s_warp[kWarps];
+  __shared__ int s_rows[BAND / (32 / Vec<T>::N)];  // rows are >= 32 / N vectors long
+  __shared__ Raw s_values[BAND * Vec<T>::N];
+  unsigned long long* flags = state + 1;
+  if (threadIdx.x == 0) s_band = int(atomicAdd(state, 1ull));
   __syncthreads();
-  const int stored = int(min(prefix + total, capacity) - prefix);
-  store_staged<T>(values, s_values, prefix, stored);
+  if (s_band >= n_bands) {
+    zero_tail<T>(values, flags, n_bands, capacity, s_band - n_bands, zero_span);
+    return;
+  }
+  const BandPos p = BandPos::of<ITEMS>(s_band, row_vectors);
+  int total;
+  {
+    Vec<T> xv[ITEMS];
+    uint32_t m[ITEMS];
+    int base[ITEMS];
+    total = load_band<T, RELU, ITEMS>(x, p.v0, n_vectors, xv, m, base, s_warp);  // 1.
+    publish_aggregate(flags, p.band, total, capacity, band_counts);
+    stage_band<T, SQUARE, ITEMS>(p, n_vectors, row_vectors, xv, m, base, bits, h, s_rows, s_values);  // 2.
+  }
+  const long long prefix = band_prefix<CFG::LOOK_BACK>(flags, p.band, total, capacity, &s_prefix);  // 3.
+  write_band<T, RELU, SQUARE, ITEMS>(p, total, prefix, x, n_vectors, row_vectors, capacity, bits, values,  // 4.
+                                     row_offsets, h, s_rows, s_values, s_warp);
+}
+
+// The persistent form of pack_kernel (the same four steps per band): the grid is the resident blocks, each takes
+// tickets until the bands and then the tail zeroers are used up, and the loads of its next band (its next ticket is
+// taken before the look-back) are in flight while it looks back for the current band and writes its values. A block
+// holds at most two tickets and only ever waits for smaller ones, which running blocks hold: no deadlock.
+template <typename T, bool RELU, bool SQUARE, typename CFG>
+__global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
+    pack_kernel_persistent(const uint4* __restrict__ x, int n_vectors, int row_vectors, int n_bands,
+                           long long capacity, long long zero_span, int n_zero, uint32_t* __restrict__ bits,
+                           typename Elem<T>::Raw* __restrict__ values, int32_t* __restrict__ row_offsets,
+                           int32_t* __restrict__ band_counts, uint4* __restrict__ h,
+                           unsigned long long* __restrict__ state) {
+  using Raw = typename Elem<T>::Raw;
+  constexpr int ITEMS = CFG::ITEMS;
+  constexpr int BAND = kThreads * ITEMS;
+  __shared__ long long s_prefix;
+  __shared__ int s_ticket;
+  __shared__ int s_warp[kWarps];
+  __shared__ int s_rows[BAND / (32 / Vec<T>::N)];
+  __shared__ Raw s_values[BAND * Vec<T>::N];
+  unsigned long long* flags = state + 1;
+  auto take = [&]() {  // a new ticket for the whole block
+    if (threadIdx.x == 0) s_ticket = int(atomicAdd(state, 1ull));
+    __syncthreads();
+    const int t = s_ticket;
+    __syncthreads();  // before the next take overwrites it
+    return t;
+  };
+  auto load = [&](int band, Vec<T> (&xv)[ITEMS]) {
+    if (band >= n_bands) return;  // a tail zeroer's ticket: nothing to load
+    const int v0 = BandPos::of<ITEMS>(band, row_vectors).v0;
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+      const int v = v0 + it * 32;
+      xv[it].v = v < n_vectors ? __ldcs(x + v) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  int band = take();
+  Vec<T> xv[ITEMS];
+  load(band, xv);
+  while (band < n_bands) {
+    const BandPos p = BandPos::of<ITEMS>(band, row_vectors);
+    uint32_t m[ITEMS];
+    int base[ITEMS];
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) m[it] = nonzero_mask<T, RELU>(xv[it]);
+    const int total = band_scan<ITEMS>(m, base, s_warp);
+    publish_aggregate(flags, band, total, capacity, band_counts);
+    stage_band<T, SQUARE, ITEMS>(p, n_vectors, row_vectors, xv, m, base, bits, h, s_rows, s_values);
+    const int next = take();
+    load(next, xv);  // in flight during the look-back and the writes
+    const long long prefix = band_prefix<CFG::LOOK_BACK>(flags, band, total, capacity, &s_prefix);
+    write_band<T, RELU, SQUARE, ITEMS>(p, total, prefix, x, n_vectors, row_vectors, capacity, bits, values,
+                                       row_offsets, h, s_rows, s_values, s_warp);
+    __syncthreads();  // s_values, s_rows and s_prefix are reused by the next band
+    band = next;
+  }
+  for (; band < n_bands + n_zero; band = take()) {
+    zero_tail<T>(values, flags, n_bands, capacity, band - n_bands, zero_span);
+  }
 }
 
 template <typename T, bool SQUARE>
@@ -380,7 +563,7 @@ __global__ void __launch_bounds__(kThreads)
     m[it] = v < n_vectors ? (bits[v / LPW] >> (N * (lane % LPW))) & kVecMask : 0u;
   }
   int base[kItems];
-  const int total = band_scan(m, base, s_warp);
+  const int total = band_scan<kItems>(m, base, s_warp);
   // A valid packing never reads past the capacity; a corrupt one reads zeros there instead of out of bounds.
   const int count = int(max(0ll, min((long long)total, capacity - start)));
   load_staged<T>(values, s_values, start, count);

@@ -10,9 +10,11 @@
 #include <cuda_runtime.h>
 #include <cusparseLt.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "bitmask.h"
 #include "plan_cache.h"
@@ -352,7 +354,7 @@ bool is_shape(ffi::AnyBuffer::Dimensions d, std::initializer_list<int64_t> want)
 // the band count.
 Status bitmask_shapes(ffi::AnyBuffer::Dimensions dense, ffi::DataType dtype, ffi::AnyBuffer::Dimensions bits,
                       ffi::AnyBuffer::Dimensions offsets, int64_t* rows, int64_t* cols, int64_t* row_vectors,
-                      int64_t* n_bands) {
+                      int64_t* n_bands, int items = bitmask::kItems) {
   if (bitmask_dtype(dtype) < 0) return "the dense array must be bfloat16, float16 or float32";
   if (dense.size() != 2) return "the dense array must be 2-D";
   *rows = dense[0];
@@ -363,39 +365,109 @@ Status bitmask_shapes(ffi::AnyBuffer::Dimensions dense, ffi::DataType dtype, ffi
   const int64_t elements_per_vector = 16 / int64_t(ffi::ByteWidth(dtype));
   *row_vectors = *cols / elements_per_vector;
   const int64_t n_vectors = *rows * *row_vectors;
-  *n_bands = (n_vectors + bitmask::kBandVectors - 1) / bitmask::kBandVectors;
+  const int64_t band = int64_t(bitmask::kThreads) * items;
+  *n_bands = (n_vectors + band - 1) / band;
   return {};
 }
 
-template <typename T>
-Status launch_bitmask_pack(bool relu, bool square, const void* x, int64_t n_vectors, int64_t row_vectors,
-                           int64_t n_bands, int64_t capacity, void* bits, void* values, void* offsets, void* counts,
-                           void* h, unsigned long long* state, cudaStream_t stream) {
+// The pack's launch configurations (the Python wrapper's PACK_VARIANTS; 0 is the default): vectors per thread, flags
+// per lane of the look-back, blocks per SM the registers must allow, persistent blocks. The others exist for bfloat16
+// only, for the benchmark's sweep (benchmarks/results/remat.json, 16384 x 8192, 85% / 95% zeros, H100: the default
+// 0.304 / 0.314 ms; without the register bound, 2 blocks per SM, 0.372 / 0.374 ms; 32 KiB bands 0.328 / 0.303 ms;
+// persistent blocks 0.339-0.358 ms).
+using PackDefault = bitmask::PackConfig<4, 1, 4>;
+using PackUnbound = bitmask::PackConfig<4, 1, 0>;
+using PackBigWide = bitmask::PackConfig<8, 4, 2>;
+using PackBig = bitmask::PackConfig<8, 1, 2>;
+using PackPersistent = bitmask::PackConfig<4, 1, 4, true>;
+using PackPersistent3 = bitmask::PackConfig<4, 1, 3, true>;
+using PackPersistentBig = bitmask::PackConfig<8, 1, 2, true>;
+
+template <typename T, typename CFG>
+Status launch_bitmask_pack_cfg(bool relu, bool square, const void* x, int64_t n_vectors, int64_t row_vectors,
+                               int64_t n_bands, int64_t capacity, void* bits, void* values, void* offsets,
+                               void* counts, void* h, unsigned long long* state, cudaStream_t stream) {
   using Raw = typename bitmask::Elem<T>::Raw;
   const int64_t n_zero = (capacity + kBitmaskZeroSpan - 1) / kBitmaskZeroSpan;
-  const dim3 grid(unsigned(n_bands + n_zero));
   auto args = [&](auto kernel) {
-    kernel<<<grid, bitmask::kThreads, 0, stream>>>(
-        static_cast<const uint4*>(x), n_vectors, row_vectors, n_bands, capacity, kBitmaskZeroSpan,
+    kernel<<<dim3(unsigned(n_bands + n_zero)), bitmask::kThreads, 0, stream>>>(
+        static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), capacity, kBitmaskZeroSpan,
         static_cast<uint32_t*>(bits), static_cast<Raw*>(values), static_cast<int32_t*>(offsets),
         static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
+    return Status();
   };
+  auto args_persistent = [&](auto kernel) -> Status {
+    int device = 0, sms = 0, per_sm = 0;
+    JSPARSE_CUDA(cudaGetDevice(&device));
+    JSPARSE_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    JSPARSE_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, bitmask::kThreads, 0));
+    const int64_t grid = std::min<int64_t>(n_bands + n_zero, int64_t(std::max(per_sm, 1)) * sms);
+    kernel<<<dim3(unsigned(grid)), bitmask::kThreads, 0, stream>>>(
+        static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), capacity, kBitmaskZeroSpan,
+        int(n_zero), static_cast<uint32_t*>(bits), static_cast<Raw*>(values), static_cast<int32_t*>(offsets),
+        static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
+    return {};
+  };
+  auto run = [&](auto plain, auto persistent) -> Status {
+    if constexpr (CFG::PERSISTENT) return args_persistent(persistent);
+    else return args(plain);
+  };
+  Status status;
   if (relu) {
-    square ? args(bitmask::pack_kernel<T, true, true>) : args(bitmask::pack_kernel<T, true, false>);
+    status = square ? run(bitmask::pack_kernel<T, true, true, CFG>, bitmask::pack_kernel_persistent<T, true, true, CFG>)
+                    : run(bitmask::pack_kernel<T, true, false, CFG>,
+                          bitmask::pack_kernel_persistent<T, true, false, CFG>);
   } else {
-    square ? args(bitmask::pack_kernel<T, false, true>) : args(bitmask::pack_kernel<T, false, false>);
+    status = square ? run(bitmask::pack_kernel<T, false, true, CFG>,
+                          bitmask::pack_kernel_persistent<T, false, true, CFG>)
+                    : run(bitmask::pack_kernel<T, false, false, CFG>,
+                          bitmask::pack_kernel_persistent<T, false, false, CFG>);
   }
+  JSPARSE_RETURN_IF_ERROR(status);
   JSPARSE_CUDA(cudaGetLastError());
   return {};
+}
+
+int pack_variant_items(int variant) {
+  switch (variant) {
+    case 0: case 1: case 8: case 9: return 4;
+    case 2: case 3: case 10: return 8;
+    default: return -1;
+  }
+}
+
+template <typename T>
+Status launch_bitmask_pack(int variant, bool relu, bool square, const void* x, int64_t n_vectors,
+                           int64_t row_vectors, int64_t n_bands, int64_t capacity, void* bits, void* values,
+                           void* offsets, void* counts, void* h, unsigned long long* state, cudaStream_t stream) {
+#define JSPARSE_PACK(CFG) \
+  launch_bitmask_pack_cfg<T, CFG>(relu, square, x, n_vectors, row_vectors, n_bands, capacity, bits, values, \
+                                  offsets, counts, h, state, stream)
+  if (variant == 0) return JSPARSE_PACK(PackDefault);
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    switch (variant) {
+      case 1: return JSPARSE_PACK(PackUnbound);
+      case 2: return JSPARSE_PACK(PackBigWide);
+      case 3: return JSPARSE_PACK(PackBig);
+      case 8: return JSPARSE_PACK(PackPersistent);
+      case 9: return JSPARSE_PACK(PackPersistent3);
+      case 10: return JSPARSE_PACK(PackPersistentBig);
+      default: break;
+    }
+  }
+#undef JSPARSE_PACK
+  return "unknown pack variant " + std::to_string(variant) + " for this dtype";
 }
 
 Status bitmask_pack(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer x,
                     ffi::Result<ffi::AnyBuffer> bits, ffi::Result<ffi::AnyBuffer> values,
                     ffi::Result<ffi::AnyBuffer> offsets, ffi::Result<ffi::AnyBuffer> counts, ffi::AnyBuffer* h,
-                    int32_t relu) {
+                    int32_t relu, int32_t variant) {
+  const int items = pack_variant_items(variant);
+  if (items < 0) return "unknown pack variant " + std::to_string(variant);
   int64_t rows, cols, row_vectors, n_bands;
   JSPARSE_RETURN_IF_ERROR(bitmask_shapes(x.dimensions(), x.element_type(), bits->dimensions(),
-                                         offsets->dimensions(), &rows, &cols, &row_vectors, &n_bands));
+                                         offsets->dimensions(), &rows, &cols, &row_vectors, &n_bands, items));
   if (bits->element_type() != ffi::DataType::U32) return "bits must be uint32";
   if (offsets->element_type() != ffi::DataType::S32) return "row_offsets must be int32";
   if (counts->element_type() != ffi::DataType::S32 || !is_shape(counts->dimensions(), {n_bands})) {
@@ -418,34 +490,35 @@ Status bitmask_pack(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::An
   auto* st = static_cast<unsigned long long*>(state.get());
   void* hp = h ? h->untyped_data() : nullptr;
   const int64_t n_vectors = rows * row_vectors;
+  if (n_vectors >= (int64_t(1) << 31) - 2 * bitmask::kThreads * items) {
+    return "the input must have fewer than 2**31 16-byte vectors (the pack indexes them in int32)";
+  }
+  auto launch = [&](auto tag) {
+    return launch_bitmask_pack<decltype(tag)>(variant, relu, h != nullptr, x.untyped_data(), n_vectors, row_vectors,
+                                              n_bands, capacity, bits->untyped_data(), values->untyped_data(),
+                                              offsets->untyped_data(), counts->untyped_data(), hp, st, stream);
+  };
   switch (bitmask_dtype(x.element_type())) {
-    case kBitmaskBF16:
-      return launch_bitmask_pack<__nv_bfloat16>(relu, h, x.untyped_data(), n_vectors, row_vectors, n_bands, capacity,
-                                                bits->untyped_data(), values->untyped_data(),
-                                                offsets->untyped_data(), counts->untyped_data(), hp, st, stream);
-    case kBitmaskF16:
-      return launch_bitmask_pack<__half>(relu, h, x.untyped_data(), n_vectors, row_vectors, n_bands, capacity,
-                                         bits->untyped_data(), values->untyped_data(), offsets->untyped_data(),
-                                         counts->untyped_data(), hp, st, stream);
-    default:
-      return launch_bitmask_pack<float>(relu, h, x.untyped_data(), n_vectors, row_vectors, n_bands, capacity,
-                                        bits->untyped_data(), values->untyped_data(), offsets->untyped_data(),
-                                        counts->untyped_data(), hp, st, stream);
+    case kBitmaskBF16: return launch(__nv_bfloat16{});
+    case kBitmaskF16: return launch(__half{});
+    default: return launch(float{});
   }
 }
 
 ffi::Error BitmaskPackImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
                            ffi::Result<ffi::AnyBuffer> bits, ffi::Result<ffi::AnyBuffer> values,
-                           ffi::Result<ffi::AnyBuffer> offsets, ffi::Result<ffi::AnyBuffer> counts, int32_t relu) {
-  return to_ffi(bitmask_pack(stream, scratch, x, bits, values, offsets, counts, nullptr, relu), "bitmask_pack");
+                           ffi::Result<ffi::AnyBuffer> offsets, ffi::Result<ffi::AnyBuffer> counts, int32_t relu,
+                           int32_t variant) {
+  return to_ffi(bitmask_pack(stream, scratch, x, bits, values, offsets, counts, nullptr, relu, variant),
+                "bitmask_pack");
 }
 
 ffi::Error BitmaskPackSquareImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
                                  ffi::Result<ffi::AnyBuffer> bits, ffi::Result<ffi::AnyBuffer> values,
                                  ffi::Result<ffi::AnyBuffer> offsets, ffi::Result<ffi::AnyBuffer> counts,
-                                 ffi::Result<ffi::AnyBuffer> h, int32_t relu) {
+                                 ffi::Result<ffi::AnyBuffer> h, int32_t relu, int32_t variant) {
   ffi::AnyBuffer hb = *h;
-  return to_ffi(bitmask_pack(stream, scratch, x, bits, values, offsets, counts, &hb, relu), "bitmask_pack");
+  return to_ffi(bitmask_pack(stream, scratch, x, bits, values, offsets, counts, &hb, relu, variant), "bitmask_pack");
 }
 
 template <typename T>
@@ -481,17 +554,15 @@ Status bitmask_unpack(cudaStream_t stream, ffi::AnyBuffer bits, ffi::AnyBuffer o
   }
   const int64_t capacity = values.dimensions()[0], n_vectors = rows * row_vectors;
   void* hp = h ? h->untyped_data() : nullptr;
+  auto launch = [&](auto tag) {
+    return launch_bitmask_unpack<decltype(tag)>(bits.untyped_data(), offsets.untyped_data(), values.untyped_data(),
+                                                capacity, n_vectors, row_vectors, n_bands, r->untyped_data(), hp,
+                                                stream);
+  };
   switch (bitmask_dtype(r->element_type())) {
-    case kBitmaskBF16:
-      return launch_bitmask_unpack<__nv_bfloat16>(bits.untyped_data(), offsets.untyped_data(), values.untyped_data(),
-                                                  capacity, n_vectors, row_vectors, n_bands, r->untyped_data(), hp,
-                                                  stream);
-    case kBitmaskF16:
-      return launch_bitmask_unpack<__half>(bits.untyped_data(), offsets.untyped_data(), values.untyped_data(),
-                                           capacity, n_vectors, row_vectors, n_bands, r->untyped_data(), hp, stream);
-    default:
-      return launch_bitmask_unpack<float>(bits.untyped_data(), offsets.untyped_data(), values.untyped_data(),
-                                          capacity, n_vectors, row_vectors, n_bands, r->untyped_data(), hp, stream);
+    case kBitmaskBF16: return launch(__nv_bfloat16{});
+    case kBitmaskF16: return launch(__half{});
+    default: return launch(float{});
   }
 }
 
@@ -623,7 +694,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseBitmaskPack, jsparse::BitmaskPackImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("relu"));
+                                  .Attr<int32_t>("relu")
+                                  .Attr<int32_t>("variant"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseBitmaskPackSquare, jsparse::BitmaskPackSquareImpl,
                               ffi::Ffi::Bind()
@@ -635,7 +707,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseBitmaskPackSquare, jsparse::BitmaskPackSqua
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("relu"));
+                                  .Attr<int32_t>("relu")
+                                  .Attr<int32_t>("variant"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseBitmaskUnpack, jsparse::BitmaskUnpackImpl,
                               ffi::Ffi::Bind()
