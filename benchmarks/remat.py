@@ -323,8 +323,8 @@ def bench_kernels(T, F, zeros_list, sweep: bool, top: int = 3, out: str | None =
 
 
 def profile_kernels(T, F, results_path: str, zeros: float = 0.85, repeats: int = 3):
-  """Runs the two-pass pack, the fastest single-pass configuration in ``results_path`` and the default unpack a few
-  times each, untimed: a target for ``ncu -k regex:jsparse``."""
+  """Runs the two-pass pack, the fastest single-pass configuration in ``results_path``, the default unpack and the
+  CUDA pack and unpack a few times each, untimed: a target for ``ncu -k regex:"jsparse|pack_kernel|unpack_kernel"``."""
   import json
   with open(results_path) as f:
     recs = [r for r in json.load(f) if r["config"].get("kernel") == "pack_relu_square single-pass"
@@ -338,10 +338,16 @@ def profile_kernels(T, F, results_path: str, zeros: float = 0.85, repeats: int =
   f_sp = jax.jit(lambda a: single_pass.pack(a, cap, relu=True, square_out=True, config=best))
   bits, values, _ = f_pack(y, offsets)
   f_un = jax.jit(lambda b, o, v: kernels.unpack(b, o, v, (T, F), square_out=True))
+  cuda_ok = compress_cuda.available()[0]
+  f_cu = jax.jit(lambda a: compress_cuda.pack(a, cap, relu=True, square_out=True))
+  f_cu_un = jax.jit(lambda b, o, v: compress_cuda.unpack(b, o, v, (T, F), square_out=True))
   for _ in range(repeats):
     jax.block_until_ready(f_pack(y, offsets))
     jax.block_until_ready(f_sp(y))
     jax.block_until_ready(f_un(bits, offsets, values))
+    if cuda_ok:  # ncu -k regex:"jsparse|pack_kernel|unpack_kernel"
+      jax.block_until_ready(f_cu(y))
+      jax.block_until_ready(f_cu_un(bits, offsets, values))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
