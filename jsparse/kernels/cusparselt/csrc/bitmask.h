@@ -286,11 +286,12 @@ __device__ void zero_tail(typename Elem<T>::Raw* values, const unsigned long lon
 // The pack's launch configurations: vectors per thread (a band is 256 * ITEMS vectors), flags per lane of the
 // look-back (a window of 32 * LOOK_BACK bands), and the blocks per SM the registers must allow (0: no bound).
 // PERSISTENT: one block per resident slot walks band after band, and loads its next band while it looks back for the
-// current one (pack_kernel_persistent).
-template <int ITEMS_, int LOOK_BACK_, int MIN_BLOCKS_, bool PERSISTENT_ = false>
+// current one (pack_kernel_persistent). SEGMENT > 1: a ticket is SEGMENT consecutive bands (pack_kernel_segment).
+template <int ITEMS_, int LOOK_BACK_, int MIN_BLOCKS_, bool PERSISTENT_ = false, int SEGMENT_ = 1>
 struct PackConfig {
   static constexpr int ITEMS = ITEMS_, LOOK_BACK = LOOK_BACK_, MIN_BLOCKS = MIN_BLOCKS_ ? MIN_BLOCKS_ : 1;
   static constexpr bool PERSISTENT = PERSISTENT_;
+  static constexpr int SEGMENT = SEGMENT_;
 };
 
 // Loads this thread's vectors of the band (zeros past the end), their nonzero masks, and their band-local positions;
@@ -516,6 +517,105 @@ __global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
   }
   for (; band < n_bands + n_zero; band = take()) {
     zero_tail<T>(values, flags, n_bands, capacity, band - n_bands, zero_span);
+  }
+}
+
+// The segmented form of pack_kernel (a variant for the benchmark's sweep): a ticket is a segment of SEGMENT
+// consecutive bands, and the block makes two passes over it. Pass 1 streams the segment from device memory and only
+// counts (the next band's loads in flight while the current one is counted); one look-back then places the whole
+// segment. Pass 2 re-reads each band (from L2, where pass 1 left it moments ago) and, with its place known, writes
+// bits, h, row offsets and values directly, the capacity cut included. The look-back's round trips are paid once per
+// segment, and the device-memory reads are a plain stream.
+template <typename T, bool RELU, bool SQUARE, typename CFG>
+__global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
+    pack_kernel_segment(const uint4* __restrict__ x, int n_vectors, int row_vectors, int n_bands, int n_segments,
+                        long long capacity, long long zero_span, uint32_t* __restrict__ bits,
+                        typename Elem<T>::Raw* __restrict__ values, int32_t* __restrict__ row_offsets,
+                        int32_t* __restrict__ band_counts, uint4* __restrict__ h,
+                        unsigned long long* __restrict__ state) {
+  using Raw = typename Elem<T>::Raw;
+  constexpr int N = Vec<T>::N;
+  constexpr int ITEMS = CFG::ITEMS;
+  __shared__ long long s_prefix;
+  __shared__ int s_seg;
+  __shared__ int s_warp[kWarps];
+  __shared__ Raw s_values[kThreads * ITEMS * N];
+  unsigned long long* flags = state + 1;
+  if (threadIdx.x == 0) s_seg = int(atomicAdd(state, 1ull));
+  __syncthreads();
+  const int seg = s_seg;
+  if (seg >= n_segments) {
+    zero_tail<T>(values, flags, n_segments, capacity, seg - n_segments, zero_span);
+    return;
+  }
+  const int lane = threadIdx.x & 31;
+  const int band0 = seg * CFG::SEGMENT, band1 = min(band0 + CFG::SEGMENT, n_bands);
+  auto load = [&](int band, Vec<T> (&xv)[ITEMS], bool last_use) {
+    const int v0 = BandPos::of<ITEMS>(band, row_vectors).v0;
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+      const int v = v0 + it * 32;
+      xv[it].v = v >= n_vectors ? make_uint4(0, 0, 0, 0) : last_use ? __ldcs(x + v) : x[v];
+    }
+  };
+
+  // Pass 1: count the segment.
+  int count = 0;
+  {
+    Vec<T> cur[ITEMS], next[ITEMS];
+    load(band0, cur, false);
+    for (int band = band0; band < band1; ++band) {
+      if (band + 1 < band1) load(band + 1, next, false);
+#pragma unroll
+      for (int it = 0; it < ITEMS; ++it) count += __popc(nonzero_mask<T, RELU>(cur[it]));
+      if (band + 1 < band1) {
+#pragma unroll
+        for (int it = 0; it < ITEMS; ++it) cur[it] = next[it];
+      }
+    }
+  }
+  count = __reduce_add_sync(kFull, count);
+  if (lane == 0) s_warp[threadIdx.x >> 5] = count;
+  __syncthreads();
+  int total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += s_warp[w];
+  if (threadIdx.x == 0) {  // the segment's aggregate (band counts are written in pass 2)
+    const unsigned long long aggregate = (unsigned long long)min((long long)total, capacity);
+    flag_store(flags + seg, (seg == 0 ? kInclusive : kAggregate) | aggregate);
+  }
+  long long prefix = band_prefix<CFG::LOOK_BACK>(flags, seg, total, capacity, &s_prefix);
+
+  // Pass 2: each band, placed.
+  for (int band = band0; band < band1; ++band) {
+    const BandPos p = BandPos::of<ITEMS>(band, row_vectors);
+    Vec<T> xv[ITEMS];
+    uint32_t m[ITEMS];
+    int base[ITEMS];
+    __syncthreads();  // s_warp and s_values of the previous band are free
+    load(band, xv, true);
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) m[it] = nonzero_mask<T, RELU>(xv[it]);
+    const int band_total = band_scan<ITEMS>(m, base, s_warp);
+    if (threadIdx.x == 0) band_counts[band] = band_total;
+#pragma unroll
+    for (int it = 0; it < ITEMS; ++it) {
+      const int v = p.v0 + it * 32;
+      const long long pos = prefix + base[it];
+      const uint32_t keep = pos + __popc(m[it]) > capacity ? lowest_bits<N>(m[it], capacity - pos) : m[it];
+      store_bits_h<T, SQUARE>(v, n_vectors, keep, xv[it], bits, h);
+      if (v >= n_vectors) continue;
+      if (v % row_vectors == 0) row_offsets[v / row_vectors] = int32_t(min(pos, capacity));
+      int local = base[it];
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        if ((keep >> e) & 1u) s_values[local++] = xv[it].e[e];
+      }
+    }
+    __syncthreads();
+    const int stored = int(max(0ll, min(prefix + band_total, capacity) - prefix));
+    store_staged<T>(values, s_values, min(prefix, capacity), stored);
+    prefix = min(prefix + band_total, capacity);
   }
 }
 

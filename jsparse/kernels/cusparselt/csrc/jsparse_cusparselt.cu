@@ -371,10 +371,10 @@ Status bitmask_shapes(ffi::AnyBuffer::Dimensions dense, ffi::DataType dtype, ffi
 }
 
 // The pack's launch configurations (the Python wrapper's PACK_VARIANTS; 0 is the default): vectors per thread, flags
-// per lane of the look-back, blocks per SM the registers must allow, persistent blocks. The others exist for bfloat16
-// only, for the benchmark's sweep (benchmarks/results/remat.json, 16384 x 8192, 85% / 95% zeros, H100: the default
-// 0.304 / 0.314 ms; without the register bound, 2 blocks per SM, 0.372 / 0.374 ms; 32 KiB bands 0.328 / 0.303 ms;
-// persistent blocks 0.339-0.358 ms).
+// per lane of the look-back, blocks per SM the registers must allow, persistent blocks, bands per ticket. The others
+// exist for bfloat16 only, for the benchmark's sweep (benchmarks/results/remat.json, 16384 x 8192, 85% / 95% zeros,
+// H100: the default 0.304 / 0.314 ms; without the register bound, 2 blocks per SM, 0.372 / 0.374 ms; 32 KiB bands
+// 0.328 / 0.303 ms; persistent blocks 0.339-0.358 ms; segments of 2-8 bands not yet measured).
 using PackDefault = bitmask::PackConfig<4, 1, 4>;
 using PackUnbound = bitmask::PackConfig<4, 1, 0>;
 using PackBigWide = bitmask::PackConfig<8, 4, 2>;
@@ -382,6 +382,14 @@ using PackBig = bitmask::PackConfig<8, 1, 2>;
 using PackPersistent = bitmask::PackConfig<4, 1, 4, true>;
 using PackPersistent3 = bitmask::PackConfig<4, 1, 3, true>;
 using PackPersistentBig = bitmask::PackConfig<8, 1, 2, true>;
+using PackSegment2 = bitmask::PackConfig<4, 1, 4, false, 2>;
+using PackSegment4 = bitmask::PackConfig<4, 1, 4, false, 4>;
+using PackSegment8 = bitmask::PackConfig<4, 1, 4, false, 8>;
+
+template <bool RELU_, bool SQUARE_>
+struct KernelFlags {
+  static constexpr bool RELU = RELU_, SQUARE = SQUARE_;
+};
 
 template <typename T, typename CFG>
 Status launch_bitmask_pack_cfg(bool relu, bool square, const void* x, int64_t n_vectors, int64_t row_vectors,
@@ -408,20 +416,29 @@ Status launch_bitmask_pack_cfg(bool relu, bool square, const void* x, int64_t n_
         static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
     return {};
   };
-  auto run = [&](auto plain, auto persistent) -> Status {
-    if constexpr (CFG::PERSISTENT) return args_persistent(persistent);
-    else return args(plain);
+  auto args_segment = [&](auto kernel) -> Status {
+    const int64_t n_segments = (n_bands + CFG::SEGMENT - 1) / CFG::SEGMENT;
+    kernel<<<dim3(unsigned(n_segments + n_zero)), bitmask::kThreads, 0, stream>>>(
+        static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), int(n_segments), capacity,
+        kBitmaskZeroSpan, static_cast<uint32_t*>(bits), static_cast<Raw*>(values), static_cast<int32_t*>(offsets),
+        static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
+    return {};
+  };
+  auto run = [&](auto tag) -> Status {
+    using K = decltype(tag);  // K::RELU, K::SQUARE
+    if constexpr (CFG::PERSISTENT) {
+      return args_persistent(bitmask::pack_kernel_persistent<T, K::RELU, K::SQUARE, CFG>);
+    } else if constexpr (CFG::SEGMENT > 1) {
+      return args_segment(bitmask::pack_kernel_segment<T, K::RELU, K::SQUARE, CFG>);
+    } else {
+      return args(bitmask::pack_kernel<T, K::RELU, K::SQUARE, CFG>);
+    }
   };
   Status status;
   if (relu) {
-    status = square ? run(bitmask::pack_kernel<T, true, true, CFG>, bitmask::pack_kernel_persistent<T, true, true, CFG>)
-                    : run(bitmask::pack_kernel<T, true, false, CFG>,
-                          bitmask::pack_kernel_persistent<T, true, false, CFG>);
+    status = square ? run(KernelFlags<true, true>{}) : run(KernelFlags<true, false>{});
   } else {
-    status = square ? run(bitmask::pack_kernel<T, false, true, CFG>,
-                          bitmask::pack_kernel_persistent<T, false, true, CFG>)
-                    : run(bitmask::pack_kernel<T, false, false, CFG>,
-                          bitmask::pack_kernel_persistent<T, false, false, CFG>);
+    status = square ? run(KernelFlags<false, true>{}) : run(KernelFlags<false, false>{});
   }
   JSPARSE_RETURN_IF_ERROR(status);
   JSPARSE_CUDA(cudaGetLastError());
@@ -430,7 +447,7 @@ Status launch_bitmask_pack_cfg(bool relu, bool square, const void* x, int64_t n_
 
 int pack_variant_items(int variant) {
   switch (variant) {
-    case 0: case 1: case 8: case 9: return 4;
+    case 0: case 1: case 8: case 9: case 11: case 12: case 13: return 4;
     case 2: case 3: case 10: return 8;
     default: return -1;
   }
@@ -452,6 +469,9 @@ Status launch_bitmask_pack(int variant, bool relu, bool square, const void* x, i
       case 8: return JSPARSE_PACK(PackPersistent);
       case 9: return JSPARSE_PACK(PackPersistent3);
       case 10: return JSPARSE_PACK(PackPersistentBig);
+      case 11: return JSPARSE_PACK(PackSegment2);
+      case 12: return JSPARSE_PACK(PackSegment4);
+      case 13: return JSPARSE_PACK(PackSegment8);
       default: break;
     }
   }
