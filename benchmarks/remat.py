@@ -188,6 +188,15 @@ def bench_kernels(T, F, zeros_list, sweep: bool, top: int = 3, out: str | None =
     add("pack_relu_square two-pass (count + offsets + pack)", _time(jax.jit(two_pass), y), _pack_bytes(n, nnz, True),
         **tag)
 
+    def same_pack(outs, per_row_counts: bool) -> bool:
+      """Whether a packer's (bits, values, offsets, counts, h) are the two-pass kernels', bit for bit (the CUDA pack
+      counts per band: their sum is compared)."""
+      bits, values, offs, cnt, h = outs
+      same_counts = jnp.array_equal(cnt, counts) if per_row_counts else jnp.sum(cnt) == jnp.sum(counts)
+      return bool(jnp.array_equal(bits, want_bits) & jnp.array_equal(values, want_values)
+                  & jnp.array_equal(offs, offsets) & same_counts
+                  & jnp.array_equal(h.view(jnp.uint16), want_h.view(jnp.uint16)))
+
     # Single-pass packer: the sweep (first sparsity), then the fastest `top` and the default (other sparsities).
     if ranked is None:
       configs = PACK_SWEEP if sweep else PACK_SWEEP[:1]
@@ -199,11 +208,7 @@ def bench_kernels(T, F, zeros_list, sweep: bool, top: int = 3, out: str | None =
       try:
         f_sp = jax.jit(lambda a, c=c: single_pass.pack(a, cap, relu=True, square_out=True, config=c,
                                                        interpret=_INTERPRET))
-        bits, values, offs, cnt, h = f_sp(y)
-        exact = bool(jnp.array_equal(bits, want_bits) & jnp.array_equal(values, want_values)
-                     & jnp.array_equal(offs, offsets) & jnp.array_equal(cnt, counts)
-                     & jnp.array_equal(h.view(jnp.uint16), want_h.view(jnp.uint16)))
-        del bits, values, offs, cnt, h
+        exact = same_pack(f_sp(y), per_row_counts=True)
         t = _time(f_sp, y)
         if not exact:
           print(f"!! single-pass {fitted.label()} differs from the two-pass kernels")
@@ -230,23 +235,11 @@ def bench_kernels(T, F, zeros_list, sweep: bool, top: int = 3, out: str | None =
     # The CUDA kernels (jsparse's FFI library), where it builds: pack, then unpack.
     if not _INTERPRET and compress_cuda.available()[0]:
       try:
-        f_cu = jax.jit(lambda a: compress_cuda.pack(a, cap, relu=True, square_out=True))
-        bits, values, offs, cnt, h = f_cu(y)
-        exact = bool(jnp.array_equal(bits, want_bits) & jnp.array_equal(values, want_values)
-                     & jnp.array_equal(offs, offsets) & (jnp.sum(cnt) == jnp.sum(counts))
-                     & jnp.array_equal(h.view(jnp.uint16), want_h.view(jnp.uint16)))
-        del bits, values, offs, cnt, h
-        if not exact:
-          print("!! the CUDA pack differs from the Pallas kernels")
-        add("pack_relu_square cuda", _time(f_cu, y), _pack_bytes(n, nnz, True), exact=exact, implementation="cuda",
-            variant=0, pack_variant=compress_cuda.PACK_VARIANTS[0])
-        for variant in (list(compress_cuda.PACK_VARIANTS)[1:] if sweep else []):
+        for variant in (list(compress_cuda.PACK_VARIANTS) if sweep else [0]):  # 0: the default
           f_cv = jax.jit(lambda a, v=variant: compress_cuda.pack(a, cap, relu=True, square_out=True, variant=v))
-          bits, values, offs, cnt, h = f_cv(y)
-          exact = bool(jnp.array_equal(bits, want_bits) & jnp.array_equal(values, want_values)
-                       & jnp.array_equal(offs, offsets) & (jnp.sum(cnt) == jnp.sum(counts))
-                       & jnp.array_equal(h.view(jnp.uint16), want_h.view(jnp.uint16)))
-          del bits, values, offs, cnt, h
+          exact = same_pack(f_cv(y), per_row_counts=False)
+          if not exact:
+            print(f"!! the CUDA pack (variant {variant}) differs from the Pallas kernels")
           add("pack_relu_square cuda", _time(f_cv, y), _pack_bytes(n, nnz, True), exact=exact,
               implementation="cuda", variant=variant, pack_variant=compress_cuda.PACK_VARIANTS[variant])
         f_cu1 = jax.jit(lambda a: compress_cuda.pack(a, cap, relu=True, square_out=False))

@@ -257,8 +257,8 @@ def test_cuda_kernels_match_reference(shape, dtype, capacity, relu):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,capacity", [((16384, 1024), 0.08), ((16384, 1024), 1.0), ((48, 14336), 0.2)])
 def test_cuda_pack_variants_match_reference(shape, capacity):
-  """Every launch configuration of the CUDA pack (bands of 8-32 KiB, register bounds, persistent blocks that load
-  their next band during the look-back), bit for bit the reference, overflowing and not."""
+  """Every launch configuration of the CUDA pack (bands of 16-32 KiB, register bounds, segments of several bands
+  counted, then placed and written in a second pass), bit for bit the reference, overflowing and not."""
   from jsparse.kernels.compress import cuda
   x = _sparse(shape, 0.3, jnp.bfloat16, seed=19) - 0.1
   cap = fmt.capacity_elements("t", shape, capacity)

@@ -20,17 +20,18 @@ import numpy as np
 
 from jsparse.kernels.compress import format as fmt
 
-# The pack's launch configurations (jsparse_cusparselt.cu, PackConfig): variant -> (vectors per thread, look-back
-# flags per lane, blocks per SM the registers must allow (0: no bound), persistent blocks, bands per ticket). 0 is the
-# default; the others are bfloat16-only, for the benchmark's sweep.
-# Measured (benchmarks/results/remat.json) and kept for the sweep: an unbounded register count, 32 KiB bands, persistent
-# blocks; none beat the default. Measured and dropped from the code (H100, 16384 x 8192, 85% zeros): (4, 1, 5),
-# (2, 1, 8), (8, 1, 3), (6, 1, 3) spill registers and ran 0.39-0.58 ms against 0.32 ms for the default in the same
-# process; 64-256 ns back-offs in the look-back gained nothing. Not yet measured: 11-13, segments of 2-8 bands counted
-# in one streaming pass, placed by one look-back, then written in a second pass that re-reads them from L2.
-PACK_VARIANTS = {0: (4, 1, 4, False, 1), 1: (4, 1, 0, False, 1), 2: (8, 4, 2, False, 1), 3: (8, 1, 2, False, 1),
-                 8: (4, 1, 4, True, 1), 9: (4, 1, 3, True, 1), 10: (8, 1, 2, True, 1), 11: (4, 1, 4, False, 2),
-                 12: (4, 1, 4, False, 4), 13: (4, 1, 4, False, 8)}
+# The pack's launch configurations (jsparse_cusparselt.cu, visit_pack_variant): variant -> (vectors per thread,
+# look-back flags per lane, blocks per SM the registers must allow (0: no bound), bands per ticket). 0 is the default;
+# the others are bfloat16-only, for the benchmark's sweep.
+# Measured (benchmarks/results/remat.json) and kept for the sweep: an unbounded register count, 32 KiB bands; neither
+# beat the default. Measured and dropped from the code: persistent blocks that load their next band during the
+# look-back (0.34-0.36 ms against 0.30-0.31 ms, remat.json; the kernel is in git history, 034fe81), and (H100,
+# 16384 x 8192, 85% zeros) (4, 1, 5), (2, 1, 8), (8, 1, 3), (6, 1, 3), which spill registers and ran 0.39-0.58 ms
+# against 0.32 ms for the default in the same process; 64-256 ns back-offs in the look-back gained nothing. Not yet
+# measured: 11-13, segments of 2-8 bands counted in one streaming pass, placed by one look-back, then written in a
+# second pass that re-reads them from L2.
+PACK_VARIANTS = {0: (4, 1, 4, 1), 1: (4, 1, 0, 1), 2: (8, 4, 2, 1), 3: (8, 1, 2, 1), 11: (4, 1, 4, 2),
+                 12: (4, 1, 4, 4), 13: (4, 1, 4, 8)}
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 

@@ -38,6 +38,8 @@
 
 #include <cstdint>
 
+#include "elem.h"
+
 namespace jsparse {
 namespace bitmask {
 
@@ -51,30 +53,6 @@ constexpr unsigned long long kInclusive = 2ull << 32;
 // Flag reads a waiter makes before it gives up: only a bug could wait this long (each read is an L2 round trip), and
 // a bounded wait turns that bug into wrong results the tests catch instead of a hung GPU.
 constexpr int kMaxSpins = 1 << 24;
-
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<__nv_bfloat16> {
-  using Raw = uint16_t;
-  static __device__ __forceinline__ float to_float(Raw b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
-  static __device__ __forceinline__ Raw from_float(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
-};
-
-template <>
-struct Elem<__half> {
-  using Raw = uint16_t;
-  static __device__ __forceinline__ float to_float(Raw b) { return __half2float(__ushort_as_half(b)); }
-  static __device__ __forceinline__ Raw from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
-};
-
-template <>
-struct Elem<float> {
-  using Raw = uint32_t;
-  static __device__ __forceinline__ float to_float(Raw b) { return __uint_as_float(b); }
-  static __device__ __forceinline__ Raw from_float(float f) { return __float_as_uint(f); }
-};
 
 // One 16-byte vector: N elements of T.
 template <typename T>
@@ -160,6 +138,17 @@ __device__ __forceinline__ int band_scan(const uint32_t (&m)[ITEMS], int (&base)
   }
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) base[it] += before;
+  return total;
+}
+
+// The sum of every thread's v, for the whole block (s_warp[kWarps] is written: sync before reusing it).
+__device__ __forceinline__ int block_sum(int v, int* s_warp) {
+  v = __reduce_add_sync(kFull, v);
+  if ((threadIdx.x & 31) == 0) s_warp[threadIdx.x >> 5] = v;
+  __syncthreads();
+  int total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += s_warp[w];
   return total;
 }
 
@@ -285,12 +274,10 @@ __device__ void zero_tail(typename Elem<T>::Raw* values, const unsigned long lon
 
 // The pack's launch configurations: vectors per thread (a band is 256 * ITEMS vectors), flags per lane of the
 // look-back (a window of 32 * LOOK_BACK bands), and the blocks per SM the registers must allow (0: no bound).
-// PERSISTENT: one block per resident slot walks band after band, and loads its next band while it looks back for the
-// current one (pack_kernel_persistent). SEGMENT > 1: a ticket is SEGMENT consecutive bands (pack_kernel_segment).
-template <int ITEMS_, int LOOK_BACK_, int MIN_BLOCKS_, bool PERSISTENT_ = false, int SEGMENT_ = 1>
+// SEGMENT > 1: a ticket is SEGMENT consecutive bands (pack_kernel_segment).
+template <int ITEMS_, int LOOK_BACK_, int MIN_BLOCKS_, int SEGMENT_ = 1>
 struct PackConfig {
   static constexpr int ITEMS = ITEMS_, LOOK_BACK = LOOK_BACK_, MIN_BLOCKS = MIN_BLOCKS_ ? MIN_BLOCKS_ : 1;
-  static constexpr bool PERSISTENT = PERSISTENT_;
   static constexpr int SEGMENT = SEGMENT_;
 };
 
@@ -358,12 +345,12 @@ struct BandPos {
   }
 };
 
-// Step 1's end: the band's aggregate (band 0: its inclusive prefix) and its count.
+// Step 1's end: flag `band`'s aggregate (flag 0: its inclusive prefix) and, with band_counts, its count.
 __device__ __forceinline__ void publish_aggregate(unsigned long long* flags, int band, int total, long long capacity,
                                                   int32_t* band_counts) {
   if (threadIdx.x != 0) return;
   flag_store(flags + band, (band == 0 ? kInclusive : kAggregate) | (unsigned long long)min((long long)total, capacity));
-  band_counts[band] = total;
+  if (band_counts) band_counts[band] = total;
 }
 
 // Step 2: bits and h, the values staged in shared memory and the rows' band-local starts, as if the band were within
@@ -459,67 +446,6 @@ __global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
                                      row_offsets, h, s_rows, s_values, s_warp);
 }
 
-// The persistent form of pack_kernel (the same four steps per band): the grid is the resident blocks, each takes
-// tickets until the bands and then the tail zeroers are used up, and the loads of its next band (its next ticket is
-// taken before the look-back) are in flight while it looks back for the current band and writes its values. A block
-// holds at most two tickets and only ever waits for smaller ones, which running blocks hold: no deadlock.
-template <typename T, bool RELU, bool SQUARE, typename CFG>
-__global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
-    pack_kernel_persistent(const uint4* __restrict__ x, int n_vectors, int row_vectors, int n_bands,
-                           long long capacity, long long zero_span, int n_zero, uint32_t* __restrict__ bits,
-                           typename Elem<T>::Raw* __restrict__ values, int32_t* __restrict__ row_offsets,
-                           int32_t* __restrict__ band_counts, uint4* __restrict__ h,
-                           unsigned long long* __restrict__ state) {
-  using Raw = typename Elem<T>::Raw;
-  constexpr int ITEMS = CFG::ITEMS;
-  constexpr int BAND = kThreads * ITEMS;
-  __shared__ long long s_prefix;
-  __shared__ int s_ticket;
-  __shared__ int s_warp[kWarps];
-  __shared__ int s_rows[BAND / (32 / Vec<T>::N)];
-  __shared__ Raw s_values[BAND * Vec<T>::N];
-  unsigned long long* flags = state + 1;
-  auto take = [&]() {  // a new ticket for the whole block
-    if (threadIdx.x == 0) s_ticket = int(atomicAdd(state, 1ull));
-    __syncthreads();
-    const int t = s_ticket;
-    __syncthreads();  // before the next take overwrites it
-    return t;
-  };
-  auto load = [&](int band, Vec<T> (&xv)[ITEMS]) {
-    if (band >= n_bands) return;  // a tail zeroer's ticket: nothing to load
-    const int v0 = BandPos::of<ITEMS>(band, row_vectors).v0;
-#pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-      const int v = v0 + it * 32;
-      xv[it].v = v < n_vectors ? __ldcs(x + v) : make_uint4(0, 0, 0, 0);
-    }
-  };
-  int band = take();
-  Vec<T> xv[ITEMS];
-  load(band, xv);
-  while (band < n_bands) {
-    const BandPos p = BandPos::of<ITEMS>(band, row_vectors);
-    uint32_t m[ITEMS];
-    int base[ITEMS];
-#pragma unroll
-    for (int it = 0; it < ITEMS; ++it) m[it] = nonzero_mask<T, RELU>(xv[it]);
-    const int total = band_scan<ITEMS>(m, base, s_warp);
-    publish_aggregate(flags, band, total, capacity, band_counts);
-    stage_band<T, SQUARE, ITEMS>(p, n_vectors, row_vectors, xv, m, base, bits, h, s_rows, s_values);
-    const int next = take();
-    load(next, xv);  // in flight during the look-back and the writes
-    const long long prefix = band_prefix<CFG::LOOK_BACK>(flags, band, total, capacity, &s_prefix);
-    write_band<T, RELU, SQUARE, ITEMS>(p, total, prefix, x, n_vectors, row_vectors, capacity, bits, values,
-                                       row_offsets, h, s_rows, s_values, s_warp);
-    __syncthreads();  // s_values, s_rows and s_prefix are reused by the next band
-    band = next;
-  }
-  for (; band < n_bands + n_zero; band = take()) {
-    zero_tail<T>(values, flags, n_bands, capacity, band - n_bands, zero_span);
-  }
-}
-
 // The segmented form of pack_kernel (a variant for the benchmark's sweep): a ticket is a segment of SEGMENT
 // consecutive bands, and the block makes two passes over it. Pass 1 streams the segment from device memory and only
 // counts (the next band's loads in flight while the current one is counted); one look-back then places the whole
@@ -548,7 +474,6 @@ __global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
     zero_tail<T>(values, flags, n_segments, capacity, seg - n_segments, zero_span);
     return;
   }
-  const int lane = threadIdx.x & 31;
   const int band0 = seg * CFG::SEGMENT, band1 = min(band0 + CFG::SEGMENT, n_bands);
   auto load = [&](int band, Vec<T> (&xv)[ITEMS], bool last_use) {
     const int v0 = BandPos::of<ITEMS>(band, row_vectors).v0;
@@ -574,16 +499,8 @@ __global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
       }
     }
   }
-  count = __reduce_add_sync(kFull, count);
-  if (lane == 0) s_warp[threadIdx.x >> 5] = count;
-  __syncthreads();
-  int total = 0;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) total += s_warp[w];
-  if (threadIdx.x == 0) {  // the segment's aggregate (band counts are written in pass 2)
-    const unsigned long long aggregate = (unsigned long long)min((long long)total, capacity);
-    flag_store(flags + seg, (seg == 0 ? kInclusive : kAggregate) | aggregate);
-  }
+  const int total = block_sum(count, s_warp);
+  publish_aggregate(flags, seg, total, capacity, nullptr);  // band counts are written in pass 2
   long long prefix = band_prefix<CFG::LOOK_BACK>(flags, seg, total, capacity, &s_prefix);
 
   // Pass 2: each band, placed.
@@ -629,7 +546,6 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int LPW = 32 / N;
   constexpr uint32_t kVecMask = (1u << N) - 1u;
   __shared__ int s_warp[kWarps];
-  __shared__ int s_words;
   __shared__ Raw s_values[kBandVectors * N];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long band = blockIdx.x;
@@ -642,16 +558,8 @@ __global__ void __launch_bounds__(kThreads)
   if (words_before > 0) {  // uniform across the block
     const uint32_t* row_bits = bits + row * (row_vectors / LPW);
     for (long long i = threadIdx.x; i < words_before; i += kThreads) before += __popc(row_bits[i]);
-    before = __reduce_add_sync(kFull, before);
-    if (lane == 0) s_warp[warp] = before;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int sum = 0;
-      for (int w = 0; w < kWarps; ++w) sum += s_warp[w];
-      s_words = sum;
-    }
-    __syncthreads();
-    before = s_words;
+    before = block_sum(before, s_warp);
+    __syncthreads();  // band_scan below reuses s_warp
   }
   const long long start = (long long)row_offsets[row] + before;
 

@@ -10,7 +10,6 @@
 #include <cuda_runtime.h>
 #include <cusparseLt.h>
 
-#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -371,20 +370,33 @@ Status bitmask_shapes(ffi::AnyBuffer::Dimensions dense, ffi::DataType dtype, ffi
 }
 
 // The pack's launch configurations (the Python wrapper's PACK_VARIANTS; 0 is the default): vectors per thread, flags
-// per lane of the look-back, blocks per SM the registers must allow, persistent blocks, bands per ticket. The others
-// exist for bfloat16 only, for the benchmark's sweep (benchmarks/results/remat.json, 16384 x 8192, 85% / 95% zeros,
-// H100: the default 0.304 / 0.314 ms; without the register bound, 2 blocks per SM, 0.372 / 0.374 ms; 32 KiB bands
-// 0.328 / 0.303 ms; persistent blocks 0.339-0.358 ms; segments of 2-8 bands not yet measured).
-using PackDefault = bitmask::PackConfig<4, 1, 4>;
-using PackUnbound = bitmask::PackConfig<4, 1, 0>;
-using PackBigWide = bitmask::PackConfig<8, 4, 2>;
-using PackBig = bitmask::PackConfig<8, 1, 2>;
-using PackPersistent = bitmask::PackConfig<4, 1, 4, true>;
-using PackPersistent3 = bitmask::PackConfig<4, 1, 3, true>;
-using PackPersistentBig = bitmask::PackConfig<8, 1, 2, true>;
-using PackSegment2 = bitmask::PackConfig<4, 1, 4, false, 2>;
-using PackSegment4 = bitmask::PackConfig<4, 1, 4, false, 4>;
-using PackSegment8 = bitmask::PackConfig<4, 1, 4, false, 8>;
+// per lane of the look-back, blocks per SM the registers must allow, bands per ticket. The others exist for bfloat16
+// only, for the benchmark's sweep (benchmarks/results/remat.json, 16384 x 8192, 85% / 95% zeros, H100: the default
+// 0.304 / 0.314 ms; without the register bound, 2 blocks per SM, 0.372 / 0.374 ms; 32 KiB bands 0.328 / 0.303 ms;
+// segments of 2-8 bands not yet measured). Persistent blocks that load their next band during the look-back ran
+// 0.339-0.358 ms and were dropped (pack_kernel_persistent in git history, 034fe81).
+//
+// Calls fn(CFG{}) with variant's configuration and returns true, or returns false for a variant unknown for the dtype
+// (ALL_VARIANTS: bfloat16, or a lookup that launches nothing).
+template <bool ALL_VARIANTS, typename Fn>
+bool visit_pack_variant(int variant, Fn&& fn) {
+  if (variant == 0) {
+    fn(bitmask::PackConfig<4, 1, 4>{});
+    return true;
+  }
+  if constexpr (ALL_VARIANTS) {
+    switch (variant) {
+      case 1: fn(bitmask::PackConfig<4, 1, 0>{}); return true;
+      case 2: fn(bitmask::PackConfig<8, 4, 2>{}); return true;
+      case 3: fn(bitmask::PackConfig<8, 1, 2>{}); return true;
+      case 11: fn(bitmask::PackConfig<4, 1, 4, 2>{}); return true;
+      case 12: fn(bitmask::PackConfig<4, 1, 4, 4>{}); return true;
+      case 13: fn(bitmask::PackConfig<4, 1, 4, 8>{}); return true;
+      default: break;
+    }
+  }
+  return false;
+}
 
 template <bool RELU_, bool SQUARE_>
 struct KernelFlags {
@@ -392,99 +404,45 @@ struct KernelFlags {
 };
 
 template <typename T, typename CFG>
-Status launch_bitmask_pack_cfg(bool relu, bool square, const void* x, int64_t n_vectors, int64_t row_vectors,
-                               int64_t n_bands, int64_t capacity, void* bits, void* values, void* offsets,
-                               void* counts, void* h, unsigned long long* state, cudaStream_t stream) {
-  using Raw = typename bitmask::Elem<T>::Raw;
+Status launch_bitmask_pack(bool relu, bool square, const void* x, int64_t n_vectors, int64_t row_vectors,
+                           int64_t n_bands, int64_t capacity, void* bits, void* values, void* offsets, void* counts,
+                           void* h, unsigned long long* state, cudaStream_t stream) {
+  using Raw = typename Elem<T>::Raw;
   const int64_t n_zero = (capacity + kBitmaskZeroSpan - 1) / kBitmaskZeroSpan;
-  auto args = [&](auto kernel) {
-    kernel<<<dim3(unsigned(n_bands + n_zero)), bitmask::kThreads, 0, stream>>>(
-        static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), capacity, kBitmaskZeroSpan,
-        static_cast<uint32_t*>(bits), static_cast<Raw*>(values), static_cast<int32_t*>(offsets),
-        static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
-    return Status();
-  };
-  auto args_persistent = [&](auto kernel) -> Status {
-    int device = 0, sms = 0, per_sm = 0;
-    JSPARSE_CUDA(cudaGetDevice(&device));
-    JSPARSE_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    JSPARSE_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, bitmask::kThreads, 0));
-    const int64_t grid = std::min<int64_t>(n_bands + n_zero, int64_t(std::max(per_sm, 1)) * sms);
-    kernel<<<dim3(unsigned(grid)), bitmask::kThreads, 0, stream>>>(
-        static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), capacity, kBitmaskZeroSpan,
-        int(n_zero), static_cast<uint32_t*>(bits), static_cast<Raw*>(values), static_cast<int32_t*>(offsets),
-        static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
-    return {};
-  };
-  auto args_segment = [&](auto kernel) -> Status {
-    const int64_t n_segments = (n_bands + CFG::SEGMENT - 1) / CFG::SEGMENT;
-    kernel<<<dim3(unsigned(n_segments + n_zero)), bitmask::kThreads, 0, stream>>>(
-        static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), int(n_segments), capacity,
-        kBitmaskZeroSpan, static_cast<uint32_t*>(bits), static_cast<Raw*>(values), static_cast<int32_t*>(offsets),
-        static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
-    return {};
-  };
-  auto run = [&](auto tag) -> Status {
-    using K = decltype(tag);  // K::RELU, K::SQUARE
-    if constexpr (CFG::PERSISTENT) {
-      return args_persistent(bitmask::pack_kernel_persistent<T, K::RELU, K::SQUARE, CFG>);
-    } else if constexpr (CFG::SEGMENT > 1) {
-      return args_segment(bitmask::pack_kernel_segment<T, K::RELU, K::SQUARE, CFG>);
+  auto run = [&](auto flags) {
+    using K = decltype(flags);
+    if constexpr (CFG::SEGMENT > 1) {
+      const int64_t n_segments = (n_bands + CFG::SEGMENT - 1) / CFG::SEGMENT;
+      bitmask::pack_kernel_segment<T, K::RELU, K::SQUARE, CFG>
+          <<<dim3(unsigned(n_segments + n_zero)), bitmask::kThreads, 0, stream>>>(
+              static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), int(n_segments),
+              capacity, kBitmaskZeroSpan, static_cast<uint32_t*>(bits), static_cast<Raw*>(values),
+              static_cast<int32_t*>(offsets), static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
     } else {
-      return args(bitmask::pack_kernel<T, K::RELU, K::SQUARE, CFG>);
+      bitmask::pack_kernel<T, K::RELU, K::SQUARE, CFG>
+          <<<dim3(unsigned(n_bands + n_zero)), bitmask::kThreads, 0, stream>>>(
+              static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), capacity,
+              kBitmaskZeroSpan, static_cast<uint32_t*>(bits), static_cast<Raw*>(values),
+              static_cast<int32_t*>(offsets), static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
     }
   };
-  Status status;
   if (relu) {
-    status = square ? run(KernelFlags<true, true>{}) : run(KernelFlags<true, false>{});
+    square ? run(KernelFlags<true, true>{}) : run(KernelFlags<true, false>{});
   } else {
-    status = square ? run(KernelFlags<false, true>{}) : run(KernelFlags<false, false>{});
+    square ? run(KernelFlags<false, true>{}) : run(KernelFlags<false, false>{});
   }
-  JSPARSE_RETURN_IF_ERROR(status);
   JSPARSE_CUDA(cudaGetLastError());
   return {};
-}
-
-int pack_variant_items(int variant) {
-  switch (variant) {
-    case 0: case 1: case 8: case 9: case 11: case 12: case 13: return 4;
-    case 2: case 3: case 10: return 8;
-    default: return -1;
-  }
-}
-
-template <typename T>
-Status launch_bitmask_pack(int variant, bool relu, bool square, const void* x, int64_t n_vectors,
-                           int64_t row_vectors, int64_t n_bands, int64_t capacity, void* bits, void* values,
-                           void* offsets, void* counts, void* h, unsigned long long* state, cudaStream_t stream) {
-#define JSPARSE_PACK(CFG) \
-  launch_bitmask_pack_cfg<T, CFG>(relu, square, x, n_vectors, row_vectors, n_bands, capacity, bits, values, \
-                                  offsets, counts, h, state, stream)
-  if (variant == 0) return JSPARSE_PACK(PackDefault);
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    switch (variant) {
-      case 1: return JSPARSE_PACK(PackUnbound);
-      case 2: return JSPARSE_PACK(PackBigWide);
-      case 3: return JSPARSE_PACK(PackBig);
-      case 8: return JSPARSE_PACK(PackPersistent);
-      case 9: return JSPARSE_PACK(PackPersistent3);
-      case 10: return JSPARSE_PACK(PackPersistentBig);
-      case 11: return JSPARSE_PACK(PackSegment2);
-      case 12: return JSPARSE_PACK(PackSegment4);
-      case 13: return JSPARSE_PACK(PackSegment8);
-      default: break;
-    }
-  }
-#undef JSPARSE_PACK
-  return "unknown pack variant " + std::to_string(variant) + " for this dtype";
 }
 
 Status bitmask_pack(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer x,
                     ffi::Result<ffi::AnyBuffer> bits, ffi::Result<ffi::AnyBuffer> values,
                     ffi::Result<ffi::AnyBuffer> offsets, ffi::Result<ffi::AnyBuffer> counts, ffi::AnyBuffer* h,
                     int32_t relu, int32_t variant) {
-  const int items = pack_variant_items(variant);
-  if (items < 0) return "unknown pack variant " + std::to_string(variant);
+  int items = 0;
+  if (!visit_pack_variant<true>(variant, [&](auto cfg) { items = decltype(cfg)::ITEMS; })) {
+    return "unknown pack variant " + std::to_string(variant);
+  }
   int64_t rows, cols, row_vectors, n_bands;
   JSPARSE_RETURN_IF_ERROR(bitmask_shapes(x.dimensions(), x.element_type(), bits->dimensions(),
                                          offsets->dimensions(), &rows, &cols, &row_vectors, &n_bands, items));
@@ -513,10 +471,16 @@ Status bitmask_pack(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::An
   if (n_vectors >= (int64_t(1) << 31) - 2 * bitmask::kThreads * items) {
     return "the input must have fewer than 2**31 16-byte vectors (the pack indexes them in int32)";
   }
-  auto launch = [&](auto tag) {
-    return launch_bitmask_pack<decltype(tag)>(variant, relu, h != nullptr, x.untyped_data(), n_vectors, row_vectors,
-                                              n_bands, capacity, bits->untyped_data(), values->untyped_data(),
-                                              offsets->untyped_data(), counts->untyped_data(), hp, st, stream);
+  auto launch = [&](auto tag) -> Status {
+    using T = decltype(tag);
+    Status status;
+    const bool known = visit_pack_variant<std::is_same<T, __nv_bfloat16>::value>(variant, [&](auto cfg) {
+      status = launch_bitmask_pack<T, decltype(cfg)>(relu, h != nullptr, x.untyped_data(), n_vectors, row_vectors,
+                                                     n_bands, capacity, bits->untyped_data(), values->untyped_data(),
+                                                     offsets->untyped_data(), counts->untyped_data(), hp, st, stream);
+    });
+    if (!known) return "pack variant " + std::to_string(variant) + " exists for bfloat16 only";
+    return status;
   };
   switch (bitmask_dtype(x.element_type())) {
     case kBitmaskBF16: return launch(__nv_bfloat16{});
@@ -545,7 +509,7 @@ template <typename T>
 Status launch_bitmask_unpack(const void* bits, const void* offsets, const void* values, int64_t capacity,
                              int64_t n_vectors, int64_t row_vectors, int64_t n_bands, void* r, void* h,
                              cudaStream_t stream) {
-  using Raw = typename bitmask::Elem<T>::Raw;
+  using Raw = typename Elem<T>::Raw;
   auto args = [&](auto kernel) {
     kernel<<<dim3(unsigned(n_bands)), bitmask::kThreads, 0, stream>>>(
         static_cast<const uint32_t*>(bits), static_cast<const int32_t*>(offsets), static_cast<const Raw*>(values),

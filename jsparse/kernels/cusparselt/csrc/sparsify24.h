@@ -28,26 +28,11 @@
 
 #include <cstdint>
 
+#include "elem.h"
+
 namespace jsparse {
 
 enum Activation : int { kActNone = 0, kActSquaredRelu = 1 };
-
-template <typename T>
-struct Bits;
-
-template <>
-struct Bits<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_float(uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
-  static __device__ __forceinline__ uint16_t from_float(float f) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-  }
-};
-
-template <>
-struct Bits<__half> {
-  static __device__ __forceinline__ float to_float(uint16_t b) { return __half2float(__ushort_as_half(b)); }
-  static __device__ __forceinline__ uint16_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
-};
 
 __device__ __forceinline__ uint16_t pick4(uint16_t v0, uint16_t v1, uint16_t v2, uint16_t v3, int i) {
   // Selects without a run-time-indexed array (which would go to local memory).
@@ -64,7 +49,7 @@ __device__ __forceinline__ uint32_t select_group(uint16_t x0, uint16_t x1, uint1
   uint16_t val[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float v = Bits<T>::to_float(raw[i]);
+    const float v = Elem<T>::to_float(raw[i]);
     const bool nan = v != v;
     if (ACT == kActNone) {
       key[i] = nan ? __int_as_float(0x7f800000) : fabsf(v);
@@ -72,7 +57,7 @@ __device__ __forceinline__ uint32_t select_group(uint16_t x0, uint16_t x1, uint1
     } else {
       const float r = nan ? v : fmaxf(v, 0.0f);
       key[i] = nan ? __int_as_float(0x7f800000) : r;
-      val[i] = Bits<T>::from_float(r * r);
+      val[i] = Elem<T>::from_float(r * r);
     }
   }
   // j beats i when key[j] > key[i], or key[j] == key[i] and j < i; rank = number of elements that beat it.
@@ -265,8 +250,8 @@ __global__ void make_test_24_kernel(uint16_t* __restrict__ x, int64_t groups, ui
   uint16_t out[4] = {0, 0, 0, 0};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    if (j == first[pair]) out[j] = Bits<T>::from_float(va);
-    if (j == second[pair]) out[j] = Bits<T>::from_float(vb);
+    if (j == first[pair]) out[j] = Elem<T>::from_float(va);
+    if (j == second[pair]) out[j] = Elem<T>::from_float(vb);
   }
   uint2 w;
   w.x = out[0] | (uint32_t(out[1]) << 16);
