@@ -236,6 +236,8 @@ def test_cuda_kernels_match_reference(shape, dtype, capacity, relu):
   from jsparse.kernels.compress import cuda
   x = _sparse(shape, 0.3, dtype, seed=17) - (0.1 if relu else 0.0)  # ~14% non-zero after relu, else 30%
   x = x.at[1, 3].set(-0.0).at[2, 5].set(jnp.nan)  # -0.0 is not stored, NaN is (as a non-zero)
+  # squares that are subnormal (bfloat16, float16) or underflow: the packed products must round as float32's do
+  x = x.at[0, 7].set(1e-20).at[1, 9].set(0.003).at[2, 11].set(-1e-20)
   cap = fmt.capacity_elements("t", shape, capacity)
   want, want_h = ref.pack(x, cap, relu=relu, square_out=True)
   want_r, want_rh = ref.unpack(want, square_out=True)
@@ -257,10 +259,11 @@ def test_cuda_kernels_match_reference(shape, dtype, capacity, relu):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,capacity", [((16384, 1024), 0.08), ((16384, 1024), 1.0), ((48, 14336), 0.2)])
 def test_cuda_pack_variants_match_reference(shape, capacity):
-  """Every launch configuration of the CUDA pack (bands of 16-32 KiB, register bounds, segments of several bands
-  counted, then placed and written in a second pass), bit for bit the reference, overflowing and not."""
+  """Every launch configuration of the CUDA pack (bands of 16-32 KiB, register bounds, the scalar mask and squares,
+  persistent pipelined blocks), bit for bit the reference, overflowing and not."""
   from jsparse.kernels.compress import cuda
   x = _sparse(shape, 0.3, jnp.bfloat16, seed=19) - 0.1
+  x = x.at[0, 7].set(1e-20).at[1, 9].set(0.003).at[2, 5].set(jnp.nan)  # a subnormal square, a NaN
   cap = fmt.capacity_elements("t", shape, capacity)
   want, want_h = ref.pack(x, cap, relu=True, square_out=True)
   for variant in cuda.PACK_VARIANTS:

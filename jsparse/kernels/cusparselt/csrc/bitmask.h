@@ -65,17 +65,65 @@ struct Vec {
   };
 };
 
-// The stored elements of a vector as an N-bit mask: activation(x) != 0, i.e. x > 0 or NaN with relu (not x <= 0),
-// else x != 0 (NaN included, -0.0 not).
-template <typename T, bool RELU>
+// sm_90 compares and multiplies pairs of bfloat16 or float16 natively (set.*.bf16x2, mul.rn.bf16x2), so a 16-byte
+// vector's mask and squares take 4 instructions each instead of 8 conversions and 8 float32 operations: the pack
+// issues about half the instructions it did with the scalar forms, and it is issue-bound, not bandwidth-bound
+// (ncu, H100: 53% of issue slots busy at 64% of DRAM bandwidth). The scalar forms remain for float32 and for
+// PackConfig::SCALAR (the benchmark's comparison).
+template <typename T>
+struct Pair {
+  static constexpr bool OK = false;
+};
+template <>
+struct Pair<__nv_bfloat16> {
+  static constexpr bool OK = true;
+  using P = __nv_bfloat162;
+};
+template <>
+struct Pair<__half> {
+  static constexpr bool OK = true;
+  using P = __half2;
+};
+
+template <typename T>
+__device__ __forceinline__ typename Pair<T>::P as_pair(uint32_t w) {
+  typename Pair<T>::P p;
+  memcpy(&p, &w, 4);
+  return p;
+}
+
+template <typename P>
+__device__ __forceinline__ uint32_t as_word(P p) {
+  uint32_t w;
+  memcpy(&w, &p, 4);
+  return w;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+
+// The stored elements of a vector as an N-bit mask: activation(x) != 0, i.e. x > 0 or NaN with relu (not x <= 0,
+// the unordered x > 0), else x != 0 (NaN included, -0.0 not).
+template <typename T, bool RELU, bool SCALAR = false>
 __device__ __forceinline__ uint32_t nonzero_mask(const Vec<T>& x) {
-  uint32_t m = 0;
+  if constexpr (Pair<T>::OK && !SCALAR) {
+    using P = typename Pair<T>::P;
+    const P zero = as_pair<T>(0u);
+    uint32_t m = 0;  // element 2j in bit 2j, element 2j + 1 in bit 2j + 16 for now
 #pragma unroll
-  for (int e = 0; e < Vec<T>::N; ++e) {
-    const float f = Elem<T>::to_float(x.e[e]);
-    m |= uint32_t(RELU ? !(f <= 0.0f) : f != 0.0f) << e;
+    for (int j = 0; j < 4; ++j) {
+      const P p = as_pair<T>(word(x.v, j));
+      m |= ((RELU ? __hgtu2_mask(p, zero) : __hneu2_mask(p, zero)) & 0x10001u) << (2 * j);
+    }
+    return (m | (m >> 15)) & 0xffu;
+  } else {
+    uint32_t m = 0;
+#pragma unroll
+    for (int e = 0; e < Vec<T>::N; ++e) {
+      const float f = Elem<T>::to_float(x.e[e]);
+      m |= uint32_t(RELU ? !(f <= 0.0f) : f != 0.0f) << e;
+    }
+    return m;
   }
-  return m;
 }
 
 // r*r in float32, rounded once to T (reference.square).
@@ -83,6 +131,66 @@ template <typename T>
 __device__ __forceinline__ typename Elem<T>::Raw square(typename Elem<T>::Raw r) {
   const float f = Elem<T>::to_float(r);
   return Elem<T>::from_float(__fmul_rn(f, f));
+}
+
+// The vector of square(x) where `keep` has the element's bit, else 0. The packed product is the float32 one: the
+// exact product of two 16-bit floats fits in float32, so both round it once, to nearest even, subnormals kept.
+template <typename T, bool SCALAR = false>
+__device__ __forceinline__ Vec<T> square_kept(const Vec<T>& x, uint32_t keep) {
+  Vec<T> h;
+  if constexpr (Pair<T>::OK && !SCALAR) {
+    uint32_t w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t b = keep >> (2 * j);
+      const typename Pair<T>::P p = as_pair<T>(word(x.v, j));
+      w[j] = as_word(__hmul2_rn(p, p)) & ((b & 1u) * 0xffffu | (b & 2u) * 0x7fff8000u);
+    }
+    h.v = make_uint4(w[0], w[1], w[2], w[3]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < Vec<T>::N; ++e) h.e[e] = (keep >> e) & 1u ? square<T>(x.e[e]) : typename Elem<T>::Raw(0);
+  }
+  return h;
+}
+
+// square_kept(x, nonzero_mask<T, RELU>(x)), with the packed compare as the mask (no bits to expand).
+template <typename T, bool RELU, bool SCALAR = false>
+__device__ __forceinline__ Vec<T> square_nonzero(const Vec<T>& x) {
+  if constexpr (Pair<T>::OK && !SCALAR) {
+    using P = typename Pair<T>::P;
+    const P zero = as_pair<T>(0u);
+    uint32_t w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const P p = as_pair<T>(word(x.v, j));
+      w[j] = as_word(__hmul2_rn(p, p)) & (RELU ? __hgtu2_mask(p, zero) : __hneu2_mask(p, zero));
+    }
+    Vec<T> h;
+    h.v = make_uint4(w[0], w[1], w[2], w[3]);
+    return h;
+  } else {
+    return square_kept<T, SCALAR>(x, nonzero_mask<T, RELU, SCALAR>(x));
+  }
+}
+
+// Appends the elements of x whose bit is set in m to shared memory at byte address `at` (a shared-window address,
+// as from __cvta_generic_to_shared). Predicated stores at a running address: through a generic pointer the compiler
+// re-derives the shared address for every element, twice the instructions.
+template <typename T>
+__device__ __forceinline__ void append_kept(uint32_t at, const Vec<T>& x, uint32_t m) {
+#pragma unroll
+  for (int e = 0; e < Vec<T>::N; ++e) {
+    const uint32_t kept = (m >> e) & 1u;
+    if constexpr (sizeof(typename Elem<T>::Raw) == 2) {
+      asm volatile("{ .reg .pred p; setp.ne.u32 p, %2, 0; @p st.shared.u16 [%0], %1; }"
+                   :: "r"(at), "h"(x.e[e]), "r"(kept) : "memory");
+    } else {
+      asm volatile("{ .reg .pred p; setp.ne.u32 p, %2, 0; @p st.shared.u32 [%0], %1; }"
+                   :: "r"(at), "r"(x.e[e]), "r"(kept) : "memory");
+    }
+    at += kept * uint32_t(sizeof(typename Elem<T>::Raw));
+  }
 }
 
 // The lowest `k` set bits of `m` (N <= 8 bits).
@@ -273,31 +381,35 @@ __device__ void zero_tail(typename Elem<T>::Raw* values, const unsigned long lon
 }
 
 // The pack's launch configurations: vectors per thread (a band is 256 * ITEMS vectors), flags per lane of the
-// look-back (a window of 32 * LOOK_BACK bands), and the blocks per SM the registers must allow (0: no bound).
-// SEGMENT > 1: a ticket is SEGMENT consecutive bands (pack_kernel_segment).
-template <int ITEMS_, int LOOK_BACK_, int MIN_BLOCKS_, int SEGMENT_ = 1>
+// look-back (a window of 32 * LOOK_BACK bands), the blocks per SM the registers must allow (0: no bound), SCALAR: the
+// mask and squares one element at a time, as for float32, even for 16-bit types (for the benchmark), and PIPELINED:
+// pack_kernel_pipelined instead of pack_kernel.
+template <int ITEMS_, int LOOK_BACK_, int MIN_BLOCKS_, bool SCALAR_ = false, bool PIPELINED_ = false>
 struct PackConfig {
   static constexpr int ITEMS = ITEMS_, LOOK_BACK = LOOK_BACK_, MIN_BLOCKS = MIN_BLOCKS_ ? MIN_BLOCKS_ : 1;
-  static constexpr int SEGMENT = SEGMENT_;
+  static constexpr bool SCALAR = SCALAR_, PIPELINED = PIPELINED_;
 };
 
 // Loads this thread's vectors of the band (zeros past the end), their nonzero masks, and their band-local positions;
 // returns the band's total.
-template <typename T, bool RELU, int ITEMS>
-__device__ __forceinline__ int load_band(const uint4* __restrict__ x, int v0, int n_vectors, Vec<T> (&xv)[ITEMS],
-                                         uint32_t (&m)[ITEMS], int (&base)[ITEMS], int* s_warp) {
+template <typename T, bool RELU, typename CFG>
+__device__ __forceinline__ int load_band(const uint4* __restrict__ x, int v0, int n_vectors,
+                                         Vec<T> (&xv)[CFG::ITEMS], uint32_t (&m)[CFG::ITEMS],
+                                         int (&base)[CFG::ITEMS], int* s_warp) {
 #pragma unroll
-  for (int it = 0; it < ITEMS; ++it) {
+  for (int it = 0; it < CFG::ITEMS; ++it) {
     const int v = v0 + it * 32;
     xv[it].v = v < n_vectors ? __ldcs(x + v) : make_uint4(0, 0, 0, 0);  // read once: evict first
-    m[it] = nonzero_mask<T, RELU>(xv[it]);
   }
-  return band_scan<ITEMS>(m, base, s_warp);
+#pragma unroll
+  for (int it = 0; it < CFG::ITEMS; ++it) m[it] = nonzero_mask<T, RELU, CFG::SCALAR>(xv[it]);
+  return band_scan<CFG::ITEMS>(m, base, s_warp);
 }
 
 // Writes the bits and h of this thread's vectors for the stored elements `keep` (all lanes of the warp call it).
+// hv: h's vector (unused without SQUARE).
 template <typename T, bool SQUARE>
-__device__ __forceinline__ void store_bits_h(int v, int n_vectors, uint32_t keep, const Vec<T>& xv,
+__device__ __forceinline__ void store_bits_h(int v, int n_vectors, uint32_t keep, const Vec<T>& hv,
                                              uint32_t* __restrict__ bits, uint4* __restrict__ h) {
   constexpr int N = Vec<T>::N;
   constexpr int LPW = 32 / N;
@@ -307,29 +419,24 @@ __device__ __forceinline__ void store_bits_h(int v, int n_vectors, uint32_t keep
   for (int d = 1; d < LPW; d <<= 1) word |= __shfl_xor_sync(kFull, word, d);
   if (v >= n_vectors) return;
   if (lane % LPW == 0) bits[v / LPW] = word;
-  if (SQUARE) {
-    Vec<T> hv;
-#pragma unroll
-    for (int e = 0; e < N; ++e) hv.e[e] = (keep >> e) & 1u ? square<T>(xv.e[e]) : typename Elem<T>::Raw(0);
-    __stcs(h + v, hv.v);
-  }
+  if (SQUARE) __stcs(h + v, hv.v);
 }
 
 // A band that crosses the capacity (only when the whole input overflows): its bits and h again, with the cut. The
 // same threads wrote the same words and vectors before, so program order makes these the final ones.
-template <typename T, bool RELU, bool SQUARE, int ITEMS>
+template <typename T, bool RELU, bool SQUARE, typename CFG>
 __device__ __noinline__ void cut_band(const uint4* __restrict__ x, int v0, int n_vectors, long long prefix,
                                       long long capacity, uint32_t* __restrict__ bits, uint4* __restrict__ h,
                                       int* s_warp) {
-  Vec<T> xv[ITEMS];
-  uint32_t m[ITEMS];
-  int base[ITEMS];
+  Vec<T> xv[CFG::ITEMS];
+  uint32_t m[CFG::ITEMS];
+  int base[CFG::ITEMS];
   __syncthreads();  // s_warp is reused
-  load_band<T, RELU, ITEMS>(x, v0, n_vectors, xv, m, base, s_warp);
+  load_band<T, RELU, CFG>(x, v0, n_vectors, xv, m, base, s_warp);
 #pragma unroll
-  for (int it = 0; it < ITEMS; ++it) {
+  for (int it = 0; it < CFG::ITEMS; ++it) {
     const uint32_t keep = lowest_bits<Vec<T>::N>(m[it], capacity - (prefix + base[it]));
-    store_bits_h<T, SQUARE>(v0 + it * 32, n_vectors, keep, xv[it], bits, h);
+    store_bits_h<T, SQUARE>(v0 + it * 32, n_vectors, keep, square_kept<T, CFG::SCALAR>(xv[it], keep), bits, h);
   }
 }
 
@@ -345,10 +452,11 @@ struct BandPos {
   }
 };
 
-// Step 1's end: flag `band`'s aggregate (flag 0: its inclusive prefix) and, with band_counts, its count.
+// Step 1's end: flag `band`'s aggregate (flag 0: its inclusive prefix) and, with band_counts, its count. By one
+// thread (thread 0 unless `by` says otherwise).
 __device__ __forceinline__ void publish_aggregate(unsigned long long* flags, int band, int total, long long capacity,
-                                                  int32_t* band_counts) {
-  if (threadIdx.x != 0) return;
+                                                  int32_t* band_counts, int by = 0) {
+  if (int(threadIdx.x) != by) return;
   flag_store(flags + band, (band == 0 ? kInclusive : kAggregate) | (unsigned long long)min((long long)total, capacity));
   if (band_counts) band_counts[band] = total;
 }
@@ -356,55 +464,60 @@ __device__ __forceinline__ void publish_aggregate(unsigned long long* flags, int
 // Step 2: bits and h, the values staged in shared memory and the rows' band-local starts, as if the band were within
 // capacity (it is unless the whole input overflows: cut_band then redoes bits and h). None of it needs the prefix,
 // so it runs before the look-back, and by then the predecessors have mostly published theirs.
-template <typename T, bool SQUARE, int ITEMS>
-__device__ __forceinline__ void stage_band(const BandPos& p, int n_vectors, int row_vectors, const Vec<T> (&xv)[ITEMS],
-                                           const uint32_t (&m)[ITEMS], const int (&base)[ITEMS],
-                                           uint32_t* __restrict__ bits, uint4* __restrict__ h, int* s_rows,
-                                           typename Elem<T>::Raw* s_values) {
+template <typename T, bool RELU, bool SQUARE, typename CFG>
+__device__ __forceinline__ void stage_band(const BandPos& p, int n_vectors, int row_vectors,
+                                           const Vec<T> (&xv)[CFG::ITEMS], const uint32_t (&m)[CFG::ITEMS],
+                                           const int (&base)[CFG::ITEMS], uint32_t* __restrict__ bits,
+                                           uint4* __restrict__ h, int* s_rows, typename Elem<T>::Raw* s_values) {
+  // The thread's place in its row, stepped 32 vectors per item: one division per band instead of one per item.
+  int row = p.v0 / row_vectors, col = p.v0 - row * row_vectors;
+  const uint32_t s_at = uint32_t(__cvta_generic_to_shared(s_values));
 #pragma unroll
-  for (int it = 0; it < ITEMS; ++it) {
+  for (int it = 0; it < CFG::ITEMS; ++it) {
     const int v = p.v0 + it * 32;
-    store_bits_h<T, SQUARE>(v, n_vectors, m[it], xv[it], bits, h);
-    if (v >= n_vectors) continue;
-    if (v % row_vectors == 0) s_rows[v / row_vectors - p.first_row] = base[it];
-    int local = base[it];
-#pragma unroll
-    for (int e = 0; e < Vec<T>::N; ++e) {
-      if ((m[it] >> e) & 1u) s_values[local++] = xv[it].e[e];
+    store_bits_h<T, SQUARE>(v, n_vectors, m[it], square_nonzero<T, RELU, CFG::SCALAR>(xv[it]), bits, h);
+    if (v < n_vectors) {
+      if (col == 0) s_rows[row - p.first_row] = base[it];
+      append_kept<T>(s_at + base[it] * uint32_t(sizeof(typename Elem<T>::Raw)), xv[it], m[it]);
     }
+    for (col += 32; col >= row_vectors; col -= row_vectors) ++row;
   }
 }
 
 // Step 3: the band's exclusive prefix (warp 0 looks back and publishes the inclusive prefix), for the whole block.
 template <int LOOK_BACK>
+__device__ __forceinline__ void warp0_prefix(unsigned long long* flags, int band, int total, long long capacity,
+                                             long long* s_prefix) {
+  long long prefix = 0;
+  if (band > 0) {
+    prefix = look_back<LOOK_BACK>(flags, band, capacity);
+    if (threadIdx.x == 0) flag_store(flags + band, kInclusive | (unsigned long long)min(prefix + total, capacity));
+  }
+  if (threadIdx.x == 0) *s_prefix = prefix;
+}
+
+template <int LOOK_BACK>
 __device__ __forceinline__ long long band_prefix(unsigned long long* flags, int band, int total, long long capacity,
                                                  long long* s_prefix) {
-  if (threadIdx.x < 32) {
-    long long prefix = 0;
-    if (band > 0) {
-      prefix = look_back<LOOK_BACK>(flags, band, capacity);
-      if (threadIdx.x == 0) flag_store(flags + band, kInclusive | (unsigned long long)min(prefix + total, capacity));
-    }
-    if (threadIdx.x == 0) *s_prefix = prefix;
-  }
+  if (threadIdx.x < 32) warp0_prefix<LOOK_BACK>(flags, band, total, capacity, s_prefix);
   __syncthreads();  // the prefix, every staged value and row start
   return *s_prefix;
 }
 
 // Step 4: row offsets, the cut (if the band crosses the capacity), the values.
-template <typename T, bool RELU, bool SQUARE, int ITEMS>
+template <typename T, bool RELU, bool SQUARE, typename CFG>
 __device__ __forceinline__ void write_band(const BandPos& p, int total, long long prefix, const uint4* __restrict__ x,
                                            int n_vectors, int row_vectors, long long capacity,
                                            uint32_t* __restrict__ bits, typename Elem<T>::Raw* __restrict__ values,
                                            int32_t* __restrict__ row_offsets, uint4* __restrict__ h,
                                            const int* s_rows, const typename Elem<T>::Raw* s_values, int* s_warp) {
-  const int last = min(p.first + kThreads * ITEMS, n_vectors);
+  const int last = min(p.first + kThreads * CFG::ITEMS, n_vectors);
   const int n_rows = (last + row_vectors - 1) / row_vectors - p.first_row;
   for (int i = threadIdx.x; i < n_rows; i += kThreads) {
     row_offsets[p.first_row + i] = int32_t(min(prefix + s_rows[i], capacity));
   }
   if (prefix + total > capacity) {  // uniform across the block
-    cut_band<T, RELU, SQUARE, ITEMS>(x, p.v0, n_vectors, prefix, capacity, bits, h, s_warp);
+    cut_band<T, RELU, SQUARE, CFG>(x, p.v0, n_vectors, prefix, capacity, bits, h, s_warp);
   }
   store_staged<T>(values, s_values, prefix, int(min(prefix + total, capacity) - prefix));
 }
@@ -437,103 +550,153 @@ __global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
     Vec<T> xv[ITEMS];
     uint32_t m[ITEMS];
     int base[ITEMS];
-    total = load_band<T, RELU, ITEMS>(x, p.v0, n_vectors, xv, m, base, s_warp);  // 1.
+    total = load_band<T, RELU, CFG>(x, p.v0, n_vectors, xv, m, base, s_warp);  // 1.
     publish_aggregate(flags, p.band, total, capacity, band_counts);
-    stage_band<T, SQUARE, ITEMS>(p, n_vectors, row_vectors, xv, m, base, bits, h, s_rows, s_values);  // 2.
+    stage_band<T, RELU, SQUARE, CFG>(p, n_vectors, row_vectors, xv, m, base, bits, h, s_rows, s_values);  // 2.
   }
   const long long prefix = band_prefix<CFG::LOOK_BACK>(flags, p.band, total, capacity, &s_prefix);  // 3.
-  write_band<T, RELU, SQUARE, ITEMS>(p, total, prefix, x, n_vectors, row_vectors, capacity, bits, values,  // 4.
-                                     row_offsets, h, s_rows, s_values, s_warp);
+  write_band<T, RELU, SQUARE, CFG>(p, total, prefix, x, n_vectors, row_vectors, capacity, bits, values,  // 4.
+                                   row_offsets, h, s_rows, s_values, s_warp);
 }
 
-// The segmented form of pack_kernel (a variant for the benchmark's sweep): a ticket is a segment of SEGMENT
-// consecutive bands, and the block makes two passes over it. Pass 1 streams the segment from device memory and only
-// counts (the next band's loads in flight while the current one is counted); one look-back then places the whole
-// segment. Pass 2 re-reads each band (from L2, where pass 1 left it moments ago) and, with its place known, writes
-// bits, h, row offsets and values directly, the capacity cut included. The look-back's round trips are paid once per
-// segment, and the device-memory reads are a plain stream.
+// The pipelined form of pack_kernel: persistent blocks, each holding up to three tickets, so that device memory
+// always has a band in flight for every block. ncu (H100, 16384 x 8192) on pack_kernel: 64% of DRAM bandwidth with
+// warps stalled at barriers for half their cycles, because a block issues its loads only at the start of its life
+// and then waits (for its slowest warp's loads, for warp 0's look-back) with nothing in flight.
+//
+// Band b lands in shared memory (cp.async) one iteration before it is written, and its aggregate is published by
+// warps 1-7 while warp 0 looks back for the band before it, so no band's aggregate waits for another band's look-back
+// (the persistent pack in git history, 034fe81, published it only after the block's previous look-back: a convoy).
+// Per iteration, for band b (in buffer c) and the next band n (landing in buffer 1 - c):
+//   1. all warps: b's vectors from shared memory, masks, band scan, bits, h and staged values (as pack_kernel);
+//   2. warp 0: the look-back for b; warps 1-7: take the ticket n2 after n, start its copy into buffer c (free since
+//      step 1's barrier), wait for n's copy, count n and publish its aggregate;
+//   3. all warps: row offsets, the cut, b's values.
+// A block only ever waits (in a look-back) for bands before the one it writes; the smallest band without an aggregate
+// is always either being counted (no waiting) or the next band of a block whose look-back needs only smaller bands,
+// so there is no deadlock. Tickets past the bands are tail zeroers, as in pack_kernel.
+__device__ __forceinline__ void copy_async(uint32_t dst, const uint4* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void copy_wait_all_but_newest() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+// Barrier 1: warps 1-7 only (warp 0 is looking back meanwhile).
+__device__ __forceinline__ void workers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads - 32) : "memory"); }
+
 template <typename T, bool RELU, bool SQUARE, typename CFG>
 __global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
-    pack_kernel_segment(const uint4* __restrict__ x, int n_vectors, int row_vectors, int n_bands, int n_segments,
-                        long long capacity, long long zero_span, uint32_t* __restrict__ bits,
-                        typename Elem<T>::Raw* __restrict__ values, int32_t* __restrict__ row_offsets,
-                        int32_t* __restrict__ band_counts, uint4* __restrict__ h,
-                        unsigned long long* __restrict__ state) {
+    pack_kernel_pipelined(const uint4* __restrict__ x, int n_vectors, int row_vectors, int n_bands, int n_tickets,
+                          long long capacity, long long zero_span, uint32_t* __restrict__ bits,
+                          typename Elem<T>::Raw* __restrict__ values, int32_t* __restrict__ row_offsets,
+                          int32_t* __restrict__ band_counts, uint4* __restrict__ h,
+                          unsigned long long* __restrict__ state) {
   using Raw = typename Elem<T>::Raw;
-  constexpr int N = Vec<T>::N;
   constexpr int ITEMS = CFG::ITEMS;
+  constexpr int BAND = kThreads * ITEMS;
+  constexpr int WORKERS = kThreads - 32;
+  extern __shared__ uint4 s_in[];  // [2][BAND]: the band being written, the next one landing
   __shared__ long long s_prefix;
-  __shared__ int s_seg;
-  __shared__ int s_warp[kWarps];
-  __shared__ Raw s_values[kThreads * ITEMS * N];
+  __shared__ int s_ticket[2];
+  __shared__ int s_warp[kWarps], s_count[kWarps];
+  __shared__ int s_rows[BAND / (32 / Vec<T>::N)];
+  __shared__ Raw s_values[BAND * Vec<T>::N];
   unsigned long long* flags = state + 1;
-  if (threadIdx.x == 0) s_seg = int(atomicAdd(state, 1ull));
-  __syncthreads();
-  const int seg = s_seg;
-  if (seg >= n_segments) {
-    zero_tail<T>(values, flags, n_segments, capacity, seg - n_segments, zero_span);
-    return;
-  }
-  const int band0 = seg * CFG::SEGMENT, band1 = min(band0 + CFG::SEGMENT, n_bands);
-  auto load = [&](int band, Vec<T> (&xv)[ITEMS], bool last_use) {
-    const int v0 = BandPos::of<ITEMS>(band, row_vectors).v0;
+  const uint32_t s_in_at = uint32_t(__cvta_generic_to_shared(s_in));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wt = int(threadIdx.x) - 32;
+
+  // Warps 1-7: the next ticket (into s_ticket[slot]), and its band's copy into buffer `buf` (an empty group past the
+  // bands). s_ticket is a ring of two: a slot is rewritten two fetches later, after barriers every reader has passed.
+  auto fetch = [&](int buf, int slot) {
+    if (wt == 0) s_ticket[slot] = int(atomicAdd(state, 1ull));
+    workers_sync();
+    const int t = s_ticket[slot];
+    if (t < n_bands) {
+      const int first = t * BAND;
+      for (int i = wt; i < BAND; i += WORKERS) {
+        const int v = first + i;
+        copy_async(s_in_at + uint32_t(buf * BAND + i) * 16u, x + (v < n_vectors ? v : 0), v < n_vectors);
+      }
+    }
+    copy_commit();
+    return t;
+  };
+  // Warps 1-7: band t's count from buffer `buf` (each thread counts the vectors it copied, visible to it once its
+  // group is complete) and its aggregate.
+  auto count = [&](int t, int buf) {
+    copy_wait_all_but_newest();
+    int c = 0;
+    if (t < n_bands) {
+      for (int i = wt; i < BAND; i += WORKERS) {
+        Vec<T> v;
+        v.v = s_in[buf * BAND + i];
+        c += __popc(nonzero_mask<T, RELU, CFG::SCALAR>(v));
+      }
+    }
+    c = __reduce_add_sync(kFull, c);
+    if (lane == 0) s_count[warp] = c;
+    workers_sync();
+    if (t < n_bands && wt == 0) {
+      int total = 0;
 #pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-      const int v = v0 + it * 32;
-      xv[it].v = v >= n_vectors ? make_uint4(0, 0, 0, 0) : last_use ? __ldcs(x + v) : x[v];
+      for (int w = 1; w < kWarps; ++w) total += s_count[w];
+      publish_aggregate(flags, t, total, capacity, band_counts, 32);
     }
   };
 
-  // Pass 1: count the segment.
-  int count = 0;
-  {
-    Vec<T> cur[ITEMS], next[ITEMS];
-    load(band0, cur, false);
-    for (int band = band0; band < band1; ++band) {
-      if (band + 1 < band1) load(band + 1, next, false);
-#pragma unroll
-      for (int it = 0; it < ITEMS; ++it) count += __popc(nonzero_mask<T, RELU>(cur[it]));
-      if (band + 1 < band1) {
-#pragma unroll
-        for (int it = 0; it < ITEMS; ++it) cur[it] = next[it];
-      }
-    }
+  if (warp > 0) {
+    const int first = fetch(0, 0);
+    fetch(1, 1);
+    count(first, 0);  // waits for the first band's copy (the newest group, the second band's, may be in flight)
   }
-  const int total = block_sum(count, s_warp);
-  publish_aggregate(flags, seg, total, capacity, nullptr);  // band counts are written in pass 2
-  long long prefix = band_prefix<CFG::LOOK_BACK>(flags, seg, total, capacity, &s_prefix);
-
-  // Pass 2: each band, placed.
-  for (int band = band0; band < band1; ++band) {
-    const BandPos p = BandPos::of<ITEMS>(band, row_vectors);
+  __syncthreads();  // b's data and aggregate, both tickets, for every warp
+  int b = s_ticket[0], n = s_ticket[1];
+  int c = 0;  // the buffer holding b
+  for (int k = 0; b < n_bands; ++k) {
+    const BandPos p = BandPos::of<ITEMS>(b, row_vectors);
     Vec<T> xv[ITEMS];
     uint32_t m[ITEMS];
     int base[ITEMS];
-    __syncthreads();  // s_warp and s_values of the previous band are free
-    load(band, xv, true);
 #pragma unroll
-    for (int it = 0; it < ITEMS; ++it) m[it] = nonzero_mask<T, RELU>(xv[it]);
-    const int band_total = band_scan<ITEMS>(m, base, s_warp);
-    if (threadIdx.x == 0) band_counts[band] = band_total;
+    for (int it = 0; it < ITEMS; ++it) xv[it].v = s_in[c * BAND + (p.v0 - p.first) + it * 32];
 #pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-      const int v = p.v0 + it * 32;
-      const long long pos = prefix + base[it];
-      const uint32_t keep = pos + __popc(m[it]) > capacity ? lowest_bits<N>(m[it], capacity - pos) : m[it];
-      store_bits_h<T, SQUARE>(v, n_vectors, keep, xv[it], bits, h);
-      if (v >= n_vectors) continue;
-      if (v % row_vectors == 0) row_offsets[v / row_vectors] = int32_t(min(pos, capacity));
-      int local = base[it];
-#pragma unroll
-      for (int e = 0; e < N; ++e) {
-        if ((keep >> e) & 1u) s_values[local++] = xv[it].e[e];
-      }
+    for (int it = 0; it < ITEMS; ++it) m[it] = nonzero_mask<T, RELU, CFG::SCALAR>(xv[it]);
+    const int total = band_scan<ITEMS>(m, base, s_warp);  // 1. (its barrier also frees buffer c)
+    stage_band<T, RELU, SQUARE, CFG>(p, n_vectors, row_vectors, xv, m, base, bits, h, s_rows, s_values);
+    if (warp == 0) {  // 2.
+      warp0_prefix<CFG::LOOK_BACK>(flags, b, total, capacity, &s_prefix);
+    } else {
+      fetch(c, k & 1);
+      count(n, 1 - c);
     }
-    __syncthreads();
-    const int stored = int(max(0ll, min(prefix + band_total, capacity) - prefix));
-    store_staged<T>(values, s_values, min(prefix, capacity), stored);
-    prefix = min(prefix + band_total, capacity);
+    __syncthreads();  // the prefix, the staged values and row starts, n's data, the new ticket
+    const long long prefix = s_prefix;
+    const int n2 = s_ticket[k & 1];
+    write_band<T, RELU, SQUARE, CFG>(p, total, prefix, x, n_vectors, row_vectors, capacity, bits, values,  // 3.
+                                     row_offsets, h, s_rows, s_values, s_warp);
+    __syncthreads();  // s_values, s_rows, s_prefix and s_warp are free for the next band
+    b = n;
+    n = n2;
+    c = 1 - c;
   }
+  // Tail zeroers: b, then n, then new tickets (they only grow) until they run out.
+  __shared__ int s_take;
+  for (int k = 0;; ++k) {
+    int t;
+    if (k == 0) {
+      t = b;
+    } else if (k == 1) {
+      t = n;
+    } else {
+      if (threadIdx.x == 0) s_take = int(atomicAdd(state, 1ull));
+      __syncthreads();
+      t = s_take;
+      __syncthreads();
+    }
+    if (t >= n_tickets) break;
+    zero_tail<T>(values, flags, n_bands, capacity, t - n_bands, zero_span);
+    __syncthreads();  // zero_tail's shared total
+  }
+  if (warp > 0) asm volatile("cp.async.wait_all;" ::: "memory");  // no copy outlives the block
 }
 
 template <typename T, bool SQUARE>
@@ -582,17 +745,16 @@ __global__ void __launch_bounds__(kThreads)
   for (int it = 0; it < kItems; ++it) {
     const long long v = v0 + it * 32;
     if (v >= n_vectors) continue;
-    Vec<T> rv, hv;
+    Vec<T> rv;
     int local = base[it];
 #pragma unroll
     for (int e = 0; e < N; ++e) {
       const bool kept = (m[it] >> e) & 1u;
       rv.e[e] = kept ? s_values[local] : Raw(0);
       local += kept;
-      if (SQUARE) hv.e[e] = kept ? square<T>(rv.e[e]) : Raw(0);
     }
     __stcs(r + v, rv.v);
-    if (SQUARE) __stcs(h + v, hv.v);
+    if (SQUARE) __stcs(h + v, square_nonzero<T, false>(rv).v);  // rv is 0 where not kept, and kept values are not
   }
 }
 

@@ -370,11 +370,12 @@ Status bitmask_shapes(ffi::AnyBuffer::Dimensions dense, ffi::DataType dtype, ffi
 }
 
 // The pack's launch configurations (the Python wrapper's PACK_VARIANTS; 0 is the default): vectors per thread, flags
-// per lane of the look-back, blocks per SM the registers must allow, bands per ticket. The others exist for bfloat16
-// only, for the benchmark's sweep (benchmarks/results/remat.json, 16384 x 8192, 85% / 95% zeros, H100: the default
-// 0.304 / 0.314 ms; without the register bound, 2 blocks per SM, 0.372 / 0.374 ms; 32 KiB bands 0.328 / 0.303 ms;
-// segments of 2-8 bands not yet measured). Persistent blocks that load their next band during the look-back ran
-// 0.339-0.358 ms and were dropped (pack_kernel_persistent in git history, 034fe81).
+// per lane of the look-back, blocks per SM the registers must allow, and the scalar mask and squares. The others exist
+// for bfloat16 only, for the benchmark's sweep (benchmarks/results/remat.json, 16384 x 8192, 85% / 95% zeros, H100,
+// before the packed mask and squares: 0.304 / 0.314 ms; without the register bound, 2 blocks per SM, 0.372 / 0.374
+// ms; 32 KiB bands 0.328 / 0.303 ms). Measured and dropped (git history): persistent blocks that load their next
+// band during the look-back (0.339-0.358 ms; 034fe81) and segments of 2-8 bands counted in one pass, placed by one
+// look-back and written in a second pass from L2 (0.347-0.369 ms against 0.302 ms at 95% zeros; 2e0b922).
 //
 // Calls fn(CFG{}) with variant's configuration and returns true, or returns false for a variant unknown for the dtype
 // (ALL_VARIANTS: bfloat16, or a lookup that launches nothing).
@@ -389,9 +390,13 @@ bool visit_pack_variant(int variant, Fn&& fn) {
       case 1: fn(bitmask::PackConfig<4, 1, 0>{}); return true;
       case 2: fn(bitmask::PackConfig<8, 4, 2>{}); return true;
       case 3: fn(bitmask::PackConfig<8, 1, 2>{}); return true;
-      case 11: fn(bitmask::PackConfig<4, 1, 4, 2>{}); return true;
-      case 12: fn(bitmask::PackConfig<4, 1, 4, 4>{}); return true;
-      case 13: fn(bitmask::PackConfig<4, 1, 4, 8>{}); return true;
+      case 4: fn(bitmask::PackConfig<4, 1, 4, true>{}); return true;
+      case 5: fn(bitmask::PackConfig<4, 4, 4, false, true>{}); return true;
+      case 6: fn(bitmask::PackConfig<4, 1, 4, false, true>{}); return true;
+      case 7: fn(bitmask::PackConfig<8, 4, 2, false, true>{}); return true;
+      case 8: fn(bitmask::PackConfig<6, 1, 3>{}); return true;
+      case 9: fn(bitmask::PackConfig<4, 1, 5>{}); return true;
+      case 10: fn(bitmask::PackConfig<2, 1, 8>{}); return true;
       default: break;
     }
   }
@@ -409,15 +414,23 @@ Status launch_bitmask_pack(bool relu, bool square, const void* x, int64_t n_vect
                            void* h, unsigned long long* state, cudaStream_t stream) {
   using Raw = typename Elem<T>::Raw;
   const int64_t n_zero = (capacity + kBitmaskZeroSpan - 1) / kBitmaskZeroSpan;
-  auto run = [&](auto flags) {
+  auto run = [&](auto flags) -> Status {
     using K = decltype(flags);
-    if constexpr (CFG::SEGMENT > 1) {
-      const int64_t n_segments = (n_bands + CFG::SEGMENT - 1) / CFG::SEGMENT;
-      bitmask::pack_kernel_segment<T, K::RELU, K::SQUARE, CFG>
-          <<<dim3(unsigned(n_segments + n_zero)), bitmask::kThreads, 0, stream>>>(
-              static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), int(n_segments),
-              capacity, kBitmaskZeroSpan, static_cast<uint32_t*>(bits), static_cast<Raw*>(values),
-              static_cast<int32_t*>(offsets), static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
+    if constexpr (CFG::PIPELINED) {
+      // Persistent: as many blocks as are resident at once, each with two bands of input in shared memory.
+      auto kernel = bitmask::pack_kernel_pipelined<T, K::RELU, K::SQUARE, CFG>;
+      const int smem = 2 * bitmask::kThreads * CFG::ITEMS * 16;
+      JSPARSE_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      int device = 0, sms = 0, per_sm = 0;
+      JSPARSE_CUDA(cudaGetDevice(&device));
+      JSPARSE_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+      JSPARSE_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, bitmask::kThreads, smem));
+      const int64_t n_tickets = n_bands + n_zero;
+      const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(n_tickets, int64_t(sms) * std::max(per_sm, 1)));
+      kernel<<<dim3(unsigned(grid)), bitmask::kThreads, smem, stream>>>(
+          static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), int(n_tickets), capacity,
+          kBitmaskZeroSpan, static_cast<uint32_t*>(bits), static_cast<Raw*>(values), static_cast<int32_t*>(offsets),
+          static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
     } else {
       bitmask::pack_kernel<T, K::RELU, K::SQUARE, CFG>
           <<<dim3(unsigned(n_bands + n_zero)), bitmask::kThreads, 0, stream>>>(
@@ -425,12 +438,15 @@ Status launch_bitmask_pack(bool relu, bool square, const void* x, int64_t n_vect
               kBitmaskZeroSpan, static_cast<uint32_t*>(bits), static_cast<Raw*>(values),
               static_cast<int32_t*>(offsets), static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
     }
+    return {};
   };
+  Status status;
   if (relu) {
-    square ? run(KernelFlags<true, true>{}) : run(KernelFlags<true, false>{});
+    status = square ? run(KernelFlags<true, true>{}) : run(KernelFlags<true, false>{});
   } else {
-    square ? run(KernelFlags<false, true>{}) : run(KernelFlags<false, false>{});
+    status = square ? run(KernelFlags<false, true>{}) : run(KernelFlags<false, false>{});
   }
+  if (!status.empty()) return status;
   JSPARSE_CUDA(cudaGetLastError());
   return {};
 }
