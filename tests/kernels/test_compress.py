@@ -283,9 +283,10 @@ def test_cuda_supports_and_band_counts():
   assert not cuda.supports((4, 48), jnp.float32)[0]  # rows not a multiple of 32
   assert "int32" in cuda.supports((2**20, 2**16), jnp.bfloat16)[1]  # 2**36 bytes: 2**32 vectors
   # bands: 256 threads x vectors per thread x 16 bytes; a partial last band counts
-  assert cuda.n_bands((16384, 8192), jnp.bfloat16) == 16384 * 8192 * 2 // (256 * 4 * 16)
+  assert cuda.n_bands((16384, 8192), jnp.bfloat16) == 16384 * 8192 * 2 // (256 * 8 * 16)
   assert cuda.n_bands((3, 32), jnp.float16) == 1
-  assert cuda.n_bands((16384, 8192), jnp.bfloat16, 3) == 16384 * 8192 * 2 // (256 * 8 * 16)
+  assert cuda.n_bands((16384, 8192), jnp.bfloat16, 1) == 16384 * 8192 * 2 // (256 * 4 * 16)
+  assert cuda.n_bands((16384, 8192), jnp.bfloat16, 3) == -(-16384 * 8192 * 2 // (256 * 6 * 16))  # a partial band
 
 
 def test_explicit_cuda_without_gpu_raises():

@@ -66,10 +66,11 @@ struct Vec {
 };
 
 // sm_90 compares and multiplies pairs of bfloat16 or float16 natively (set.*.bf16x2, mul.rn.bf16x2), so a 16-byte
-// vector's mask and squares take 4 instructions each instead of 8 conversions and 8 float32 operations: the pack
-// issues about half the instructions it did with the scalar forms, and it is issue-bound, not bandwidth-bound
-// (ncu, H100: 53% of issue slots busy at 64% of DRAM bandwidth). The scalar forms remain for float32 and for
-// PackConfig::SCALAR (the benchmark's comparison).
+// vector's mask and squares take 4 instructions each instead of 8 conversions and 8 float32 operations. ncu (H100,
+// 16384 x 8192, 4-item bands): the pack's instructions fell from 152M to 105M (issue slots busy 53% -> 37%) at the
+// same 266-270 us, since 4-item bands wait at barriers (loads, look-back) for half their cycles; with fewer registers
+// live, 8-item bands at 2 blocks per SM became the fastest configuration. The scalar forms remain for float32 and
+// for PackConfig::SCALAR (the benchmark's comparison).
 template <typename T>
 struct Pair {
   static constexpr bool OK = false;
@@ -381,13 +382,12 @@ __device__ void zero_tail(typename Elem<T>::Raw* values, const unsigned long lon
 }
 
 // The pack's launch configurations: vectors per thread (a band is 256 * ITEMS vectors), flags per lane of the
-// look-back (a window of 32 * LOOK_BACK bands), the blocks per SM the registers must allow (0: no bound), SCALAR: the
-// mask and squares one element at a time, as for float32, even for 16-bit types (for the benchmark), and PIPELINED:
-// pack_kernel_pipelined instead of pack_kernel.
-template <int ITEMS_, int LOOK_BACK_, int MIN_BLOCKS_, bool SCALAR_ = false, bool PIPELINED_ = false>
+// look-back (a window of 32 * LOOK_BACK bands), the blocks per SM the registers must allow (0: no bound), and
+// SCALAR: the mask and squares one element at a time, as for float32, even for 16-bit types (for the benchmark).
+template <int ITEMS_, int LOOK_BACK_, int MIN_BLOCKS_, bool SCALAR_ = false>
 struct PackConfig {
   static constexpr int ITEMS = ITEMS_, LOOK_BACK = LOOK_BACK_, MIN_BLOCKS = MIN_BLOCKS_ ? MIN_BLOCKS_ : 1;
-  static constexpr bool SCALAR = SCALAR_, PIPELINED = PIPELINED_;
+  static constexpr bool SCALAR = SCALAR_;
 };
 
 // Loads this thread's vectors of the band (zeros past the end), their nonzero masks, and their band-local positions;
@@ -452,11 +452,10 @@ struct BandPos {
   }
 };
 
-// Step 1's end: flag `band`'s aggregate (flag 0: its inclusive prefix) and, with band_counts, its count. By one
-// thread (thread 0 unless `by` says otherwise).
+// Step 1's end: flag `band`'s aggregate (flag 0: its inclusive prefix) and, with band_counts, its count.
 __device__ __forceinline__ void publish_aggregate(unsigned long long* flags, int band, int total, long long capacity,
-                                                  int32_t* band_counts, int by = 0) {
-  if (int(threadIdx.x) != by) return;
+                                                  int32_t* band_counts) {
+  if (threadIdx.x != 0) return;
   flag_store(flags + band, (band == 0 ? kInclusive : kAggregate) | (unsigned long long)min((long long)total, capacity));
   if (band_counts) band_counts[band] = total;
 }
@@ -486,20 +485,16 @@ __device__ __forceinline__ void stage_band(const BandPos& p, int n_vectors, int 
 
 // Step 3: the band's exclusive prefix (warp 0 looks back and publishes the inclusive prefix), for the whole block.
 template <int LOOK_BACK>
-__device__ __forceinline__ void warp0_prefix(unsigned long long* flags, int band, int total, long long capacity,
-                                             long long* s_prefix) {
-  long long prefix = 0;
-  if (band > 0) {
-    prefix = look_back<LOOK_BACK>(flags, band, capacity);
-    if (threadIdx.x == 0) flag_store(flags + band, kInclusive | (unsigned long long)min(prefix + total, capacity));
-  }
-  if (threadIdx.x == 0) *s_prefix = prefix;
-}
-
-template <int LOOK_BACK>
 __device__ __forceinline__ long long band_prefix(unsigned long long* flags, int band, int total, long long capacity,
                                                  long long* s_prefix) {
-  if (threadIdx.x < 32) warp0_prefix<LOOK_BACK>(flags, band, total, capacity, s_prefix);
+  if (threadIdx.x < 32) {
+    long long prefix = 0;
+    if (band > 0) {
+      prefix = look_back<LOOK_BACK>(flags, band, capacity);
+      if (threadIdx.x == 0) flag_store(flags + band, kInclusive | (unsigned long long)min(prefix + total, capacity));
+    }
+    if (threadIdx.x == 0) *s_prefix = prefix;
+  }
   __syncthreads();  // the prefix, every staged value and row start
   return *s_prefix;
 }
@@ -557,146 +552,6 @@ __global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
   const long long prefix = band_prefix<CFG::LOOK_BACK>(flags, p.band, total, capacity, &s_prefix);  // 3.
   write_band<T, RELU, SQUARE, CFG>(p, total, prefix, x, n_vectors, row_vectors, capacity, bits, values,  // 4.
                                    row_offsets, h, s_rows, s_values, s_warp);
-}
-
-// The pipelined form of pack_kernel: persistent blocks, each holding up to three tickets, so that device memory
-// always has a band in flight for every block. ncu (H100, 16384 x 8192) on pack_kernel: 64% of DRAM bandwidth with
-// warps stalled at barriers for half their cycles, because a block issues its loads only at the start of its life
-// and then waits (for its slowest warp's loads, for warp 0's look-back) with nothing in flight.
-//
-// Band b lands in shared memory (cp.async) one iteration before it is written, and its aggregate is published by
-// warps 1-7 while warp 0 looks back for the band before it, so no band's aggregate waits for another band's look-back
-// (the persistent pack in git history, 034fe81, published it only after the block's previous look-back: a convoy).
-// Per iteration, for band b (in buffer c) and the next band n (landing in buffer 1 - c):
-//   1. all warps: b's vectors from shared memory, masks, band scan, bits, h and staged values (as pack_kernel);
-//   2. warp 0: the look-back for b; warps 1-7: take the ticket n2 after n, start its copy into buffer c (free since
-//      step 1's barrier), wait for n's copy, count n and publish its aggregate;
-//   3. all warps: row offsets, the cut, b's values.
-// A block only ever waits (in a look-back) for bands before the one it writes; the smallest band without an aggregate
-// is always either being counted (no waiting) or the next band of a block whose look-back needs only smaller bands,
-// so there is no deadlock. Tickets past the bands are tail zeroers, as in pack_kernel.
-__device__ __forceinline__ void copy_async(uint32_t dst, const uint4* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void copy_wait_all_but_newest() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
-// Barrier 1: warps 1-7 only (warp 0 is looking back meanwhile).
-__device__ __forceinline__ void workers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kThreads - 32) : "memory"); }
-
-template <typename T, bool RELU, bool SQUARE, typename CFG>
-__global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
-    pack_kernel_pipelined(const uint4* __restrict__ x, int n_vectors, int row_vectors, int n_bands, int n_tickets,
-                          long long capacity, long long zero_span, uint32_t* __restrict__ bits,
-                          typename Elem<T>::Raw* __restrict__ values, int32_t* __restrict__ row_offsets,
-                          int32_t* __restrict__ band_counts, uint4* __restrict__ h,
-                          unsigned long long* __restrict__ state) {
-  using Raw = typename Elem<T>::Raw;
-  constexpr int ITEMS = CFG::ITEMS;
-  constexpr int BAND = kThreads * ITEMS;
-  constexpr int WORKERS = kThreads - 32;
-  extern __shared__ uint4 s_in[];  // [2][BAND]: the band being written, the next one landing
-  __shared__ long long s_prefix;
-  __shared__ int s_ticket[2];
-  __shared__ int s_warp[kWarps], s_count[kWarps];
-  __shared__ int s_rows[BAND / (32 / Vec<T>::N)];
-  __shared__ Raw s_values[BAND * Vec<T>::N];
-  unsigned long long* flags = state + 1;
-  const uint32_t s_in_at = uint32_t(__cvta_generic_to_shared(s_in));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wt = int(threadIdx.x) - 32;
-
-  // Warps 1-7: the next ticket (into s_ticket[slot]), and its band's copy into buffer `buf` (an empty group past the
-  // bands). s_ticket is a ring of two: a slot is rewritten two fetches later, after barriers every reader has passed.
-  auto fetch = [&](int buf, int slot) {
-    if (wt == 0) s_ticket[slot] = int(atomicAdd(state, 1ull));
-    workers_sync();
-    const int t = s_ticket[slot];
-    if (t < n_bands) {
-      const int first = t * BAND;
-      for (int i = wt; i < BAND; i += WORKERS) {
-        const int v = first + i;
-        copy_async(s_in_at + uint32_t(buf * BAND + i) * 16u, x + (v < n_vectors ? v : 0), v < n_vectors);
-      }
-    }
-    copy_commit();
-    return t;
-  };
-  // Warps 1-7: band t's count from buffer `buf` (each thread counts the vectors it copied, visible to it once its
-  // group is complete) and its aggregate.
-  auto count = [&](int t, int buf) {
-    copy_wait_all_but_newest();
-    int c = 0;
-    if (t < n_bands) {
-      for (int i = wt; i < BAND; i += WORKERS) {
-        Vec<T> v;
-        v.v = s_in[buf * BAND + i];
-        c += __popc(nonzero_mask<T, RELU, CFG::SCALAR>(v));
-      }
-    }
-    c = __reduce_add_sync(kFull, c);
-    if (lane == 0) s_count[warp] = c;
-    workers_sync();
-    if (t < n_bands && wt == 0) {
-      int total = 0;
-#pragma unroll
-      for (int w = 1; w < kWarps; ++w) total += s_count[w];
-      publish_aggregate(flags, t, total, capacity, band_counts, 32);
-    }
-  };
-
-  if (warp > 0) {
-    const int first = fetch(0, 0);
-    fetch(1, 1);
-    count(first, 0);  // waits for the first band's copy (the newest group, the second band's, may be in flight)
-  }
-  __syncthreads();  // b's data and aggregate, both tickets, for every warp
-  int b = s_ticket[0], n = s_ticket[1];
-  int c = 0;  // the buffer holding b
-  for (int k = 0; b < n_bands; ++k) {
-    const BandPos p = BandPos::of<ITEMS>(b, row_vectors);
-    Vec<T> xv[ITEMS];
-    uint32_t m[ITEMS];
-    int base[ITEMS];
-#pragma unroll
-    for (int it = 0; it < ITEMS; ++it) xv[it].v = s_in[c * BAND + (p.v0 - p.first) + it * 32];
-#pragma unroll
-    for (int it = 0; it < ITEMS; ++it) m[it] = nonzero_mask<T, RELU, CFG::SCALAR>(xv[it]);
-    const int total = band_scan<ITEMS>(m, base, s_warp);  // 1. (its barrier also frees buffer c)
-    stage_band<T, RELU, SQUARE, CFG>(p, n_vectors, row_vectors, xv, m, base, bits, h, s_rows, s_values);
-    if (warp == 0) {  // 2.
-      warp0_prefix<CFG::LOOK_BACK>(flags, b, total, capacity, &s_prefix);
-    } else {
-      fetch(c, k & 1);
-      count(n, 1 - c);
-    }
-    __syncthreads();  // the prefix, the staged values and row starts, n's data, the new ticket
-    const long long prefix = s_prefix;
-    const int n2 = s_ticket[k & 1];
-    write_band<T, RELU, SQUARE, CFG>(p, total, prefix, x, n_vectors, row_vectors, capacity, bits, values,  // 3.
-                                     row_offsets, h, s_rows, s_values, s_warp);
-    __syncthreads();  // s_values, s_rows, s_prefix and s_warp are free for the next band
-    b = n;
-    n = n2;
-    c = 1 - c;
-  }
-  // Tail zeroers: b, then n, then new tickets (they only grow) until they run out.
-  __shared__ int s_take;
-  for (int k = 0;; ++k) {
-    int t;
-    if (k == 0) {
-      t = b;
-    } else if (k == 1) {
-      t = n;
-    } else {
-      if (threadIdx.x == 0) s_take = int(atomicAdd(state, 1ull));
-      __syncthreads();
-      t = s_take;
-      __syncthreads();
-    }
-    if (t >= n_tickets) break;
-    zero_tail<T>(values, flags, n_bands, capacity, t - n_bands, zero_span);
-    __syncthreads();  // zero_tail's shared total
-  }
-  if (warp > 0) asm volatile("cp.async.wait_all;" ::: "memory");  // no copy outlives the block
 }
 
 template <typename T, bool SQUARE>

@@ -371,32 +371,28 @@ Status bitmask_shapes(ffi::AnyBuffer::Dimensions dense, ffi::DataType dtype, ffi
 
 // The pack's launch configurations (the Python wrapper's PACK_VARIANTS; 0 is the default): vectors per thread, flags
 // per lane of the look-back, blocks per SM the registers must allow, and the scalar mask and squares. The others exist
-// for bfloat16 only, for the benchmark's sweep (benchmarks/results/remat.json, 16384 x 8192, 85% / 95% zeros, H100,
-// before the packed mask and squares: 0.304 / 0.314 ms; without the register bound, 2 blocks per SM, 0.372 / 0.374
-// ms; 32 KiB bands 0.328 / 0.303 ms). Measured and dropped (git history): persistent blocks that load their next
-// band during the look-back (0.339-0.358 ms; 034fe81) and segments of 2-8 bands counted in one pass, placed by one
-// look-back and written in a second pass from L2 (0.347-0.369 ms against 0.302 ms at 95% zeros; 2e0b922).
+// for bfloat16 only, for the benchmark's sweep. Measured (H100, 16384 x 8192, 85% / 95% zeros, 4 x 20 x 5 calls
+// interleaved in one process, copy 0.196 ms): the default 0.275 / 0.259 ms; 4-item bands at 4 blocks per SM 0.293 /
+// 0.279; 6 items at 3 blocks 0.278 / 0.265. Measured and dropped (git history, 92458b8): 4 items at 5 blocks and 2
+// items at 8 (both spill; 0.302 / 0.291 and 0.338 / 0.325), no register bound (0.41 / 0.39), and a pipelined
+// persistent pack (cp.async of the next band into shared memory, counted during the look-back; 0.283 / 0.272 with a
+// 32-flag window, 0.35-0.40 with 128); before it, persistent blocks loading the next band into registers (034fe81)
+// and segments of several bands written in a second pass (2e0b922), both slower than the default of their day.
 //
 // Calls fn(CFG{}) with variant's configuration and returns true, or returns false for a variant unknown for the dtype
 // (ALL_VARIANTS: bfloat16, or a lookup that launches nothing).
 template <bool ALL_VARIANTS, typename Fn>
 bool visit_pack_variant(int variant, Fn&& fn) {
   if (variant == 0) {
-    fn(bitmask::PackConfig<4, 1, 4>{});
+    fn(bitmask::PackConfig<8, 1, 2>{});
     return true;
   }
   if constexpr (ALL_VARIANTS) {
     switch (variant) {
-      case 1: fn(bitmask::PackConfig<4, 1, 0>{}); return true;
+      case 1: fn(bitmask::PackConfig<4, 1, 4>{}); return true;
       case 2: fn(bitmask::PackConfig<8, 4, 2>{}); return true;
-      case 3: fn(bitmask::PackConfig<8, 1, 2>{}); return true;
+      case 3: fn(bitmask::PackConfig<6, 1, 3>{}); return true;
       case 4: fn(bitmask::PackConfig<4, 1, 4, true>{}); return true;
-      case 5: fn(bitmask::PackConfig<4, 4, 4, false, true>{}); return true;
-      case 6: fn(bitmask::PackConfig<4, 1, 4, false, true>{}); return true;
-      case 7: fn(bitmask::PackConfig<8, 4, 2, false, true>{}); return true;
-      case 8: fn(bitmask::PackConfig<6, 1, 3>{}); return true;
-      case 9: fn(bitmask::PackConfig<4, 1, 5>{}); return true;
-      case 10: fn(bitmask::PackConfig<2, 1, 8>{}); return true;
       default: break;
     }
   }
@@ -414,39 +410,19 @@ Status launch_bitmask_pack(bool relu, bool square, const void* x, int64_t n_vect
                            void* h, unsigned long long* state, cudaStream_t stream) {
   using Raw = typename Elem<T>::Raw;
   const int64_t n_zero = (capacity + kBitmaskZeroSpan - 1) / kBitmaskZeroSpan;
-  auto run = [&](auto flags) -> Status {
+  auto run = [&](auto flags) {
     using K = decltype(flags);
-    if constexpr (CFG::PIPELINED) {
-      // Persistent: as many blocks as are resident at once, each with two bands of input in shared memory.
-      auto kernel = bitmask::pack_kernel_pipelined<T, K::RELU, K::SQUARE, CFG>;
-      const int smem = 2 * bitmask::kThreads * CFG::ITEMS * 16;
-      JSPARSE_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      int device = 0, sms = 0, per_sm = 0;
-      JSPARSE_CUDA(cudaGetDevice(&device));
-      JSPARSE_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-      JSPARSE_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, bitmask::kThreads, smem));
-      const int64_t n_tickets = n_bands + n_zero;
-      const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(n_tickets, int64_t(sms) * std::max(per_sm, 1)));
-      kernel<<<dim3(unsigned(grid)), bitmask::kThreads, smem, stream>>>(
-          static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), int(n_tickets), capacity,
-          kBitmaskZeroSpan, static_cast<uint32_t*>(bits), static_cast<Raw*>(values), static_cast<int32_t*>(offsets),
-          static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
-    } else {
-      bitmask::pack_kernel<T, K::RELU, K::SQUARE, CFG>
-          <<<dim3(unsigned(n_bands + n_zero)), bitmask::kThreads, 0, stream>>>(
-              static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), capacity,
-              kBitmaskZeroSpan, static_cast<uint32_t*>(bits), static_cast<Raw*>(values),
-              static_cast<int32_t*>(offsets), static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
-    }
-    return {};
+    bitmask::pack_kernel<T, K::RELU, K::SQUARE, CFG>
+        <<<dim3(unsigned(n_bands + n_zero)), bitmask::kThreads, 0, stream>>>(
+            static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), capacity, kBitmaskZeroSpan,
+            static_cast<uint32_t*>(bits), static_cast<Raw*>(values), static_cast<int32_t*>(offsets),
+            static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
   };
-  Status status;
   if (relu) {
-    status = square ? run(KernelFlags<true, true>{}) : run(KernelFlags<true, false>{});
+    square ? run(KernelFlags<true, true>{}) : run(KernelFlags<true, false>{});
   } else {
-    status = square ? run(KernelFlags<false, true>{}) : run(KernelFlags<false, false>{});
+    square ? run(KernelFlags<false, true>{}) : run(KernelFlags<false, false>{});
   }
-  if (!status.empty()) return status;
   JSPARSE_CUDA(cudaGetLastError());
   return {};
 }
