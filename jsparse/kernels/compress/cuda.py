@@ -2,11 +2,12 @@
 
 The Pallas kernels (:mod:`.single_pass`, :mod:`.pallas`) place every kept value with its own predicated store: Triton
 has no warp shuffles and no shared-memory staging, and the packer stays near half of copy bandwidth on the H100.
-These kernels compact each 16 KiB band with warp scans, stage its values in shared memory and write them as aligned
-16-byte vectors; the pack finds its bands' places in the values buffer with a decoupled look-back, in one pass, and
-writes everything that does not need that place (bitmask, ``h``, the staged values) before it looks back. Same
-layout as the reference, bit for bit (:mod:`.format`). H100, 16384 x 8192 bf16 (``benchmarks/results/remat.json``):
-pack 0.63-0.65x of copy bandwidth end to end (Pallas 0.45-0.48x), unpack + square 0.83-0.85x (Pallas 0.77-0.80x).
+These kernels compact each band (32 KiB for the pack's default, 16 KiB for the unpack) with warp scans, stage its
+values in shared memory and write them as aligned 16-byte vectors; the pack finds its bands' places in the values
+buffer with a decoupled look-back, in one pass, and writes everything that does not need that place (bitmask, ``h``,
+the staged values) before it looks back. Same layout as the reference, bit for bit (:mod:`.format`). H100,
+16384 x 8192 bf16, 85% / 95% zeros (``benchmarks/results/remat.json``): pack 0.77-0.78x of copy bandwidth end to end
+(Pallas 0.51x), unpack + square 0.94-0.96x (Pallas 0.82-0.85x).
 
 They run where jsparse's CUDA library builds (a CUDA GPU, nvcc and the cuSPARSELt wheel it links:
 :func:`jsparse.kernels.cusparselt.library.available`); elsewhere the ops use the Pallas kernels or the reference.

@@ -100,21 +100,25 @@ __device__ __forceinline__ uint32_t as_word(P p) {
   return w;
 }
 
-__device__ __forceinline__ uint32_t word(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+__device__ __forceinline__ uint32_t word(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
 
-// The stored elements of a vector as an N-bit mask: activation(x) != 0, i.e. x > 0 or NaN with relu (not x <= 0,
-// the unordered x > 0), else x != 0 (NaN included, -0.0 not).
+// The stored elements of a pair as half-words of all ones: activation(x) != 0, i.e. x > 0 or NaN with relu (not
+// x <= 0, the unordered x > 0), else x != 0 (NaN included, -0.0 not).
+template <typename T, bool RELU>
+__device__ __forceinline__ uint32_t kept_halves(typename Pair<T>::P p) {
+  const typename Pair<T>::P zero = as_pair<T>(0u);
+  return RELU ? __hgtu2_mask(p, zero) : __hneu2_mask(p, zero);
+}
+
+// The stored elements of a vector as an N-bit mask (the test of kept_halves).
 template <typename T, bool RELU, bool SCALAR = false>
 __device__ __forceinline__ uint32_t nonzero_mask(const Vec<T>& x) {
   if constexpr (Pair<T>::OK && !SCALAR) {
-    using P = typename Pair<T>::P;
-    const P zero = as_pair<T>(0u);
     uint32_t m = 0;  // element 2j in bit 2j, element 2j + 1 in bit 2j + 16 for now
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const P p = as_pair<T>(word(x.v, j));
-      m |= ((RELU ? __hgtu2_mask(p, zero) : __hneu2_mask(p, zero)) & 0x10001u) << (2 * j);
-    }
+    for (int j = 0; j < 4; ++j) m |= (kept_halves<T, RELU>(as_pair<T>(word(x.v, j))) & 0x10001u) << (2 * j);
     return (m | (m >> 15)) & 0xffu;
   } else {
     uint32_t m = 0;
@@ -134,42 +138,43 @@ __device__ __forceinline__ typename Elem<T>::Raw square(typename Elem<T>::Raw r)
   return Elem<T>::from_float(__fmul_rn(f, f));
 }
 
-// The vector of square(x) where `keep` has the element's bit, else 0. The packed product is the float32 one: the
-// exact product of two 16-bit floats fits in float32, so both round it once, to nearest even, subnormals kept.
+// Packed squares of a 16-bit vector, word j masked by mask(j, pair j) (half-words of all ones where kept). The
+// packed product is the float32 one: the exact product of two 16-bit floats fits in float32, so both round it once,
+// to nearest even, subnormals kept.
+template <typename T, typename Mask>
+__device__ __forceinline__ Vec<T> square_pairs(const Vec<T>& x, Mask mask) {
+  uint32_t w[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const typename Pair<T>::P p = as_pair<T>(word(x.v, j));
+    w[j] = as_word(__hmul2_rn(p, p)) & mask(j, p);
+  }
+  Vec<T> h;
+  h.v = make_uint4(w[0], w[1], w[2], w[3]);
+  return h;
+}
+
+// The vector of square(x) where `keep` has the element's bit, else 0.
 template <typename T, bool SCALAR = false>
 __device__ __forceinline__ Vec<T> square_kept(const Vec<T>& x, uint32_t keep) {
-  Vec<T> h;
   if constexpr (Pair<T>::OK && !SCALAR) {
-    uint32_t w[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    return square_pairs(x, [keep](int j, typename Pair<T>::P) {
       const uint32_t b = keep >> (2 * j);
-      const typename Pair<T>::P p = as_pair<T>(word(x.v, j));
-      w[j] = as_word(__hmul2_rn(p, p)) & ((b & 1u) * 0xffffu | (b & 2u) * 0x7fff8000u);
-    }
-    h.v = make_uint4(w[0], w[1], w[2], w[3]);
+      return (b & 1u) * 0xffffu | (b & 2u) * 0x7fff8000u;
+    });
   } else {
+    Vec<T> h;
 #pragma unroll
     for (int e = 0; e < Vec<T>::N; ++e) h.e[e] = (keep >> e) & 1u ? square<T>(x.e[e]) : typename Elem<T>::Raw(0);
+    return h;
   }
-  return h;
 }
 
 // square_kept(x, nonzero_mask<T, RELU>(x)), with the packed compare as the mask (no bits to expand).
 template <typename T, bool RELU, bool SCALAR = false>
 __device__ __forceinline__ Vec<T> square_nonzero(const Vec<T>& x) {
   if constexpr (Pair<T>::OK && !SCALAR) {
-    using P = typename Pair<T>::P;
-    const P zero = as_pair<T>(0u);
-    uint32_t w[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const P p = as_pair<T>(word(x.v, j));
-      w[j] = as_word(__hmul2_rn(p, p)) & (RELU ? __hgtu2_mask(p, zero) : __hneu2_mask(p, zero));
-    }
-    Vec<T> h;
-    h.v = make_uint4(w[0], w[1], w[2], w[3]);
-    return h;
+    return square_pairs(x, [](int, typename Pair<T>::P p) { return kept_halves<T, RELU>(p); });
   } else {
     return square_kept<T, SCALAR>(x, nonzero_mask<T, RELU, SCALAR>(x));
   }
@@ -320,51 +325,48 @@ __device__ __forceinline__ long long look_back(const unsigned long long* flags, 
   }
 }
 
+// Splits [lo, hi) of an array of T over the block: whole 16-byte vectors (vector(k) for vector k) and single elements
+// at the two ends (element(i)).
+template <typename T, typename Element, typename Vector>
+__device__ __forceinline__ void for_span(long long lo, long long hi, Element element, Vector vector) {
+  constexpr int N = Vec<T>::N;
+  const long long first = (lo + N - 1) / N, last = hi / N;  // whole vectors [first, last)
+  const long long head = first < last ? first * N : hi, tail = first < last ? last * N : hi;
+  for (long long i = lo + threadIdx.x; i < head; i += kThreads) element(i);
+  for (long long i = tail + threadIdx.x; i < hi; i += kThreads) element(i);
+  for (long long k = first + threadIdx.x; k < last; k += kThreads) vector(k);
+}
+
 // values[start + i] = s[i] for i < count: aligned 16-byte vectors, single elements at the two ends.
 template <typename T>
 __device__ __forceinline__ void store_staged(typename Elem<T>::Raw* values, const typename Elem<T>::Raw* s,
                                              long long start, int count) {
-  constexpr int N = Vec<T>::N;
-  const long long first = (start + N - 1) / N, last = (start + count) / N;  // whole vectors [first, last)
-  const int head = first < last ? int(first * N - start) : count;
-  const int tail = first < last ? int(last * N - start) : count;
-  for (int i = threadIdx.x; i < head; i += kThreads) values[start + i] = s[i];
-  for (int i = tail + threadIdx.x; i < count; i += kThreads) values[start + i] = s[i];
-  uint4* out = reinterpret_cast<uint4*>(values);
-  for (long long k = first + threadIdx.x; k < last; k += kThreads) {
+  for_span<T>(start, start + count, [&](long long i) { values[i] = s[i - start]; }, [&](long long k) {
     Vec<T> v;
-    const int at = int(k * N - start);
+    const int at = int(k * Vec<T>::N - start);
 #pragma unroll
-    for (int e = 0; e < N; ++e) v.e[e] = s[at + e];
-    out[k] = v.v;
-  }
+    for (int e = 0; e < Vec<T>::N; ++e) v.e[e] = s[at + e];
+    reinterpret_cast<uint4*>(values)[k] = v.v;
+  });
 }
 
 // s[i] = values[start + i] for i < count (the mirror of store_staged).
 template <typename T>
 __device__ __forceinline__ void load_staged(const typename Elem<T>::Raw* values, typename Elem<T>::Raw* s,
                                             long long start, int count) {
-  constexpr int N = Vec<T>::N;
-  const long long first = (start + N - 1) / N, last = (start + count) / N;
-  const int head = first < last ? int(first * N - start) : count;
-  const int tail = first < last ? int(last * N - start) : count;
-  for (int i = threadIdx.x; i < head; i += kThreads) s[i] = values[start + i];
-  for (int i = tail + threadIdx.x; i < count; i += kThreads) s[i] = values[start + i];
-  const uint4* in = reinterpret_cast<const uint4*>(values);
-  for (long long k = first + threadIdx.x; k < last; k += kThreads) {
+  for_span<T>(start, start + count, [&](long long i) { s[i - start] = values[i]; }, [&](long long k) {
     Vec<T> v;
-    v.v = in[k];
-    const int at = int(k * N - start);
+    v.v = reinterpret_cast<const uint4*>(values)[k];
+    const int at = int(k * Vec<T>::N - start);
 #pragma unroll
-    for (int e = 0; e < N; ++e) s[at + e] = v.e[e];
-  }
+    for (int e = 0; e < Vec<T>::N; ++e) s[at + e] = v.e[e];
+  });
 }
 
 // values[max(lo, total) : hi) = 0 for tail zeroer z (span elements each), once the last band is out.
 template <typename T>
 __device__ void zero_tail(typename Elem<T>::Raw* values, const unsigned long long* flags, long long n_bands,
                           long long capacity, long long z, long long span) {
-  constexpr int N = Vec<T>::N;
   __shared__ long long s_total;
   if (threadIdx.x == 0) {
     const unsigned long long f = flag_wait<1024>(flags + n_bands - 1, 2);
@@ -373,12 +375,8 @@ __device__ void zero_tail(typename Elem<T>::Raw* values, const unsigned long lon
   __syncthreads();
   const long long lo = max(z * span, s_total), hi = min((z + 1) * span, capacity);
   if (lo >= hi) return;
-  const long long first = (lo + N - 1) / N, last = hi / N;
-  const long long head = first < last ? first * N : hi, tail = first < last ? last * N : hi;
-  for (long long i = lo + threadIdx.x; i < head; i += kThreads) values[i] = 0;
-  for (long long i = tail + threadIdx.x; i < hi; i += kThreads) values[i] = 0;
-  uint4* out = reinterpret_cast<uint4*>(values);
-  for (long long k = first + threadIdx.x; k < last; k += kThreads) out[k] = make_uint4(0, 0, 0, 0);
+  for_span<T>(lo, hi, [&](long long i) { values[i] = 0; },
+              [&](long long k) { reinterpret_cast<uint4*>(values)[k] = make_uint4(0, 0, 0, 0); });
 }
 
 // The pack's launch configurations: vectors per thread (a band is 256 * ITEMS vectors), flags per lane of the

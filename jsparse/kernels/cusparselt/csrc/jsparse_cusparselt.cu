@@ -405,7 +405,7 @@ struct KernelFlags {
 };
 
 template <typename T, typename CFG>
-Status launch_bitmask_pack(bool relu, bool square, const void* x, int64_t n_vectors, int64_t row_vectors,
+Status launch_bitmask_pack(bool relu, const void* x, int64_t n_vectors, int64_t row_vectors,
                            int64_t n_bands, int64_t capacity, void* bits, void* values, void* offsets, void* counts,
                            void* h, unsigned long long* state, cudaStream_t stream) {
   using Raw = typename Elem<T>::Raw;
@@ -419,9 +419,9 @@ Status launch_bitmask_pack(bool relu, bool square, const void* x, int64_t n_vect
             static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
   };
   if (relu) {
-    square ? run(KernelFlags<true, true>{}) : run(KernelFlags<true, false>{});
+    h ? run(KernelFlags<true, true>{}) : run(KernelFlags<true, false>{});
   } else {
-    square ? run(KernelFlags<false, true>{}) : run(KernelFlags<false, false>{});
+    h ? run(KernelFlags<false, true>{}) : run(KernelFlags<false, false>{});
   }
   JSPARSE_CUDA(cudaGetLastError());
   return {};
@@ -454,20 +454,20 @@ Status bitmask_pack(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::An
   if (!aligned16(x.untyped_data()) || !aligned16(values->untyped_data()) || (h && !aligned16(h->untyped_data()))) {
     return "buffers must be 16-byte aligned";
   }
+  const int64_t n_vectors = rows * row_vectors;
+  if (n_vectors >= (int64_t(1) << 31) - 2 * bitmask::kThreads * items) {
+    return "the input must have fewer than 2**31 16-byte vectors (the pack indexes them in int32)";
+  }
   TempBuffer state(scratch, size_t(n_bands + 1) * sizeof(unsigned long long), stream);
   if (!state) return "could not allocate the look-back flags";
   JSPARSE_CUDA(cudaMemsetAsync(state.get(), 0, size_t(n_bands + 1) * sizeof(unsigned long long), stream));
   auto* st = static_cast<unsigned long long*>(state.get());
   void* hp = h ? h->untyped_data() : nullptr;
-  const int64_t n_vectors = rows * row_vectors;
-  if (n_vectors >= (int64_t(1) << 31) - 2 * bitmask::kThreads * items) {
-    return "the input must have fewer than 2**31 16-byte vectors (the pack indexes them in int32)";
-  }
   auto launch = [&](auto tag) -> Status {
     using T = decltype(tag);
     Status status;
     const bool known = visit_pack_variant<std::is_same<T, __nv_bfloat16>::value>(variant, [&](auto cfg) {
-      status = launch_bitmask_pack<T, decltype(cfg)>(relu, h != nullptr, x.untyped_data(), n_vectors, row_vectors,
+      status = launch_bitmask_pack<T, decltype(cfg)>(relu, x.untyped_data(), n_vectors, row_vectors,
                                                      n_bands, capacity, bits->untyped_data(), values->untyped_data(),
                                                      offsets->untyped_data(), counts->untyped_data(), hp, st, stream);
     });
