@@ -11,7 +11,8 @@ there in training). The measured density is recorded.
 
 Sections (all by default): ``kernels`` (pack/unpack bandwidth vs an XLA copy, block-size sweep), ``ffn`` (each
 policy at the two issue shapes and two sparsities), ``max_batch`` (largest token batch of an 8-layer FFN stack that
-fits, save-dense vs compressed), ``residuals`` (``print_saved_residuals`` of each policy at a toy size).
+fits, save-dense vs compressed), ``residuals`` (``print_saved_residuals`` of each policy at a toy size). Not by
+default: ``variants`` (the CUDA pack's launch configurations, timed interleaved with copy; GPU only).
 """
 
 from __future__ import annotations
@@ -344,6 +345,57 @@ def profile_kernels(T, F, results_path: str, zeros: float = 0.85, repeats: int =
       jax.block_until_ready(f_cu_un(bits, offsets, values))
 
 
+def bench_pack_variants(T, F, zeros_list, variants=None, rounds: int = 4):
+  """The CUDA pack's launch configurations, interleaved in one process: per round, copy and every variant are timed
+  (100 calls each) in turn, and each one's median over the rounds is kept, so that a drift of the machine's clocks
+  or of its memory moves all of them alike. Every variant's output is checked bit for bit against the default's."""
+  if _INTERPRET or not compress_cuda.available()[0]:
+    print("no CUDA library here: the variants section needs a GPU")
+    return []
+  variants = list(compress_cuda.PACK_VARIANTS) if variants is None else variants
+  records, n = [], T * F
+  copy = jax.jit(lambda a: -a)
+
+  def same(a, b):
+    bitwise = (lambda z: z.view(jnp.uint16)) if a.dtype == jnp.bfloat16 else (lambda z: z)
+    return bool(jnp.array_equal(bitwise(a), bitwise(b)))
+
+  for zeros in zeros_list:
+    y = jax.random.normal(jax.random.key(1), (T, F), jnp.bfloat16) - _ppf(zeros)
+    cap = fmt.capacity_elements("bench", (T, F), min(1.0, (1.0 - zeros) * CAPACITY_MARGIN))
+    fns = {v: jax.jit(lambda a, v=v: compress_cuda.pack(a, cap, relu=True, square_out=True, variant=v))
+           for v in variants}
+    bits, values, offsets, counts, h = fns[variants[0]](y)
+    nnz = int(jnp.sum(counts))
+    exact = {}
+    for v, f in fns.items():  # band counts differ in length between band sizes: their sums are compared
+      b2, v2, o2, c2, h2 = f(y)
+      exact[v] = (same(b2, bits) and same(v2, values) and same(o2, offsets) and same(h2, h)
+                  and int(jnp.sum(c2)) == nnz)
+      if not exact[v]:
+        print(f"!! pack variant {v} differs from variant {variants[0]}")
+    del bits, values, offsets, counts, h
+    times = {k: [] for k in ["copy", *variants]}
+    for _ in range(rounds):
+      times["copy"].append(_time(copy, y))
+      for v, f in fns.items():
+        times[v].append(_time(f, y))
+    med = {k: statistics.median(t) for k, t in times.items()}
+    gb_copy = 2 * n * 2 / med["copy"] / 1e6
+    nbytes = _pack_bytes(n, nnz, True)
+    print(f"zeros {zeros}: copy {med['copy']:.4f} ms ({gb_copy:.0f} GB/s)")
+    for v in variants:
+      gbps = nbytes / med[v] / 1e6
+      print(f"  variant {v} {compress_cuda.PACK_VARIANTS[v]}: {med[v]:.4f} ms = {gbps / gb_copy:.3f} of copy"
+            f"{'' if exact[v] else ' (NOT EXACT)'}  rounds {[round(t, 4) for t in times[v]]}", flush=True)
+      cfg = dict(shape=[T, F], dtype="bfloat16", zeros=zeros, kernel="pack_relu_square cuda", variant=v,
+                 pack_config=compress_cuda.PACK_VARIANTS[v], exact=exact[v],
+                 timing=f"median of {rounds} interleaved rounds, each the median of 5 x 20 calls")
+      records.append(_util.record("remat_pack_variants", config=cfg, metric="gbps", baseline="xla_copy", ours=gbps,
+                                  base=gb_copy, ms=med[v], copy_ms=med["copy"], bytes=nbytes))
+  return records
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # FFN policies
 
@@ -552,6 +604,7 @@ def main(argv=None):
   p.add_argument("--kernels-only", action="store_true", help="only the kernel bandwidth section")
   p.add_argument("--profile", metavar="RESULTS", help="run the kernels untimed for ncu (fastest config in RESULTS)")
   p.add_argument("--layers", type=int, default=8)
+  p.add_argument("--variants", help="the variants section's CUDA pack variants, e.g. 0,5 (default: all)")
   args = p.parse_args(argv)
   if _INTERPRET:
     jsparse.kernels._common._state.interpret = True  # the CPU smoke run: Pallas in interpret mode
@@ -581,6 +634,8 @@ def main(argv=None):
 
   run("residuals", lambda: (print_residuals(), [])[1])
   run("kernels", lambda: bench_kernels(*kshape, ZEROS, sweep=not args.no_sweep, out=args.out))
+  variants = [int(v) for v in args.variants.split(",")] if args.variants else None
+  run("variants", lambda: bench_pack_variants(*kshape, ZEROS, variants))
   run("ffn", lambda: bench_ffn(shapes, ZEROS, POLICIES))
   run("max_batch", lambda: bench_max_batch(shapes[0][1], shapes[0][2], 0.85, args.layers,
                                            ["save_dense", "compressed"], probe=probe, step=step))

@@ -259,8 +259,8 @@ def test_cuda_kernels_match_reference(shape, dtype, capacity, relu):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,capacity", [((16384, 1024), 0.08), ((16384, 1024), 1.0), ((48, 14336), 0.2)])
 def test_cuda_pack_variants_match_reference(shape, capacity):
-  """Every launch configuration of the CUDA pack (bands of 16-32 KiB, register bounds, the scalar mask and squares,
-  persistent pipelined blocks), bit for bit the reference, overflowing and not."""
+  """Every launch configuration of the CUDA pack (the ring pack's band sizes, stages, lags and compute groups,
+  pack_kernel's register-bound bands), bit for bit the reference, overflowing and not."""
   from jsparse.kernels.compress import cuda
   x = _sparse(shape, 0.3, jnp.bfloat16, seed=19) - 0.1
   x = x.at[0, 7].set(1e-20).at[1, 9].set(0.003).at[2, 5].set(jnp.nan)  # a subnormal square, a NaN
@@ -285,8 +285,8 @@ def test_cuda_supports_and_band_counts():
   # bands: 256 threads x vectors per thread x 16 bytes; a partial last band counts
   assert cuda.n_bands((16384, 8192), jnp.bfloat16) == 16384 * 8192 * 2 // (256 * 8 * 16)
   assert cuda.n_bands((3, 32), jnp.float16) == 1
-  assert cuda.n_bands((16384, 8192), jnp.bfloat16, 1) == 16384 * 8192 * 2 // (256 * 4 * 16)
-  assert cuda.n_bands((16384, 8192), jnp.bfloat16, 3) == -(-16384 * 8192 * 2 // (256 * 6 * 16))  # a partial band
+  assert cuda.n_bands((16384, 8192), jnp.bfloat16, 2) == 16384 * 8192 * 2 // (256 * 4 * 16)
+  assert cuda.n_bands((16384, 8192), jnp.bfloat16, 5) == -(-16384 * 8192 * 2 // (256 * 6 * 16))  # a partial band
 
 
 def test_explicit_cuda_without_gpu_raises():

@@ -1,13 +1,15 @@
-"""CUDA kernels of the bitmask packer, called through the XLA FFI (``csrc/bitmask.h`` in jsparse's CUDA library).
+"""CUDA kernels of the bitmask packer, called through the XLA FFI (``csrc/bitmask.h`` and ``csrc/pack_ring.h`` in
+jsparse's CUDA library).
 
 The Pallas kernels (:mod:`.single_pass`, :mod:`.pallas`) place every kept value with its own predicated store: Triton
 has no warp shuffles and no shared-memory staging, and the packer stays near half of copy bandwidth on the H100.
 These kernels compact each band (32 KiB for the pack's default, 16 KiB for the unpack) with warp scans, stage its
 values in shared memory and write them as aligned 16-byte vectors; the pack finds its bands' places in the values
-buffer with a decoupled look-back, in one pass, and writes everything that does not need that place (bitmask, ``h``,
-the staged values) before it looks back. Same layout as the reference, bit for bit (:mod:`.format`). H100,
-16384 x 8192 bf16, 85% / 95% zeros (``benchmarks/results/remat.json``): pack 0.77-0.78x of copy bandwidth end to end
-(Pallas 0.51x), unpack + square 0.94-0.96x (Pallas 0.82-0.85x).
+buffer with a decoupled look-back, in one pass. Its default launch is warp-specialised: per SM, a producer warp keeps
+bands in flight with bulk copies into a ring in shared memory and a look-back warp finds each band's place while the
+compute warps go on to the next bands. Same layout as the reference, bit for bit (:mod:`.format`). H100,
+16384 x 8192 bf16, 85% / 95% zeros (``benchmarks/results/remat.json``): pack 0.85x of copy bandwidth end to end
+(Pallas 0.50-0.51x), unpack + square 0.94-0.96x (Pallas 0.82-0.84x).
 
 They run where jsparse's CUDA library builds (a CUDA GPU, nvcc and the cuSPARSELt wheel it links:
 :func:`jsparse.kernels.cusparselt.library.available`); elsewhere the ops use the Pallas kernels or the reference.
@@ -21,12 +23,20 @@ import numpy as np
 
 from jsparse.kernels.compress import format as fmt
 
-# The pack's launch configurations (jsparse_cusparselt.cu, visit_pack_variant): variant -> (vectors per thread,
-# look-back flags per lane, blocks per SM the registers must allow, scalar: the mask and squares one element at a time
-# instead of as bfloat16 pairs). 0 is the default; the others are bfloat16-only, for the benchmark's sweep. The
-# measurements behind the default, and the configurations measured and dropped, are in visit_pack_variant's comment
-# and benchmarks/results/remat.json.
-PACK_VARIANTS = {0: (8, 1, 2, 0), 1: (4, 1, 4, 0), 2: (8, 4, 2, 0), 3: (6, 1, 3, 0), 4: (4, 1, 4, 1)}
+# The pack's launch configurations (jsparse_cusparselt.cu, visit_pack_variant). The ring pack's (pack_ring.h,
+# ring=True): vectors per compute thread, bands in shared memory, the lag (in a group's bands) between a band's scan
+# and its values' write, and compute groups. pack_kernel's (bitmask.h): vectors per thread, look-back flags per lane,
+# and blocks per SM the registers must allow. 0 is the default; the others are bfloat16-only, for the benchmark's
+# sweep. The measurements behind the default, and the configurations measured and dropped, are in
+# visit_pack_variant's comment and benchmarks/results/remat_pack_variants.json.
+PACK_VARIANTS = {
+    0: dict(items=8, stages=6, lag=3, groups=1, ring=True),
+    1: dict(items=8, look_back=1, min_blocks=2),
+    2: dict(items=4, look_back=1, min_blocks=4),
+    3: dict(items=8, stages=6, lag=2, groups=1, ring=True),
+    4: dict(items=12, stages=4, lag=2, groups=1, ring=True),
+    5: dict(items=6, stages=8, lag=2, groups=2, ring=True),
+}
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -51,7 +61,7 @@ def available() -> tuple[bool, str]:
 def n_bands(shape: tuple[int, int], dtype, variant: int = 0) -> int:
   """Bands the pack cuts the flat array into (its per-band counts): 256 threads x the variant's vectors per thread x
   16 bytes each."""
-  per_band = 16 * 256 * PACK_VARIANTS[variant][0] // jnp.dtype(dtype).itemsize
+  per_band = 16 * 256 * PACK_VARIANTS[variant]["items"] // jnp.dtype(dtype).itemsize
   return -(-(shape[0] * shape[1]) // per_band)
 
 

@@ -26,6 +26,9 @@
 //   4. it writes its row offsets and its staged values as aligned 16-byte vectors; a band that crosses the capacity
 //      rewrites its bits and h with the cut (re-reading the input) first.
 //   Tickets past the last band zero the values buffer's unused tail once the last band's inclusive prefix is out.
+//   pack_kernel below runs these steps for one band per block. The default launch is pack_ring.h's: the same steps
+//   in persistent blocks whose producer warp keeps several bands in flight (bulk copies into shared memory) and whose
+//   look-back warp finds a band's prefix while the compute warps go on to the next bands.
 //   Flags are 64-bit: status (1 aggregate, 2 inclusive prefix) in the high word, the count saturated at the capacity
 //   in the low word, so one store publishes both and no reader sees half of it.
 // unpack: independent bands. A band starts in values at row_offsets[its first row] plus the popcounts of that row's
@@ -54,6 +57,11 @@ constexpr unsigned long long kInclusive = 2ull << 32;
 // a bounded wait turns that bug into wrong results the tests catch instead of a hung GPU.
 constexpr int kMaxSpins = 1 << 24;
 
+// The thread's place among the kThreads threads that work on a band: the block's thread, or in the ring pack
+// (pack_ring.h) the thread within its compute group of kThreads.
+static_assert((kThreads & (kThreads - 1)) == 0, "tid() masks");
+__device__ __forceinline__ int tid() { return int(threadIdx.x & (kThreads - 1)); }
+
 // One 16-byte vector: N elements of T.
 template <typename T>
 struct Vec {
@@ -69,8 +77,9 @@ struct Vec {
 // vector's mask and squares take 4 instructions each instead of 8 conversions and 8 float32 operations. ncu (H100,
 // 16384 x 8192, 4-item bands): the pack's instructions fell from 152M to 105M (issue slots busy 53% -> 37%) at the
 // same 266-270 us, since 4-item bands wait at barriers (loads, look-back) for half their cycles; with fewer registers
-// live, 8-item bands at 2 blocks per SM became the fastest configuration. The scalar forms remain for float32 and
-// for PackConfig::SCALAR (the benchmark's comparison).
+// live, 8-item bands at 2 blocks per SM became the fastest configuration. The scalar forms are float32's (the
+// scalar form of 16-bit types, at 4-item bands, timed 0.289-0.296 ms against the packed form's 0.288-0.289 at 85%
+// zeros in one process before it was dropped: the gain is the registers, not the time of the math).
 template <typename T>
 struct Pair {
   static constexpr bool OK = false;
@@ -113,9 +122,9 @@ __device__ __forceinline__ uint32_t kept_halves(typename Pair<T>::P p) {
 }
 
 // The stored elements of a vector as an N-bit mask (the test of kept_halves).
-template <typename T, bool RELU, bool SCALAR = false>
+template <typename T, bool RELU>
 __device__ __forceinline__ uint32_t nonzero_mask(const Vec<T>& x) {
-  if constexpr (Pair<T>::OK && !SCALAR) {
+  if constexpr (Pair<T>::OK) {
     uint32_t m = 0;  // element 2j in bit 2j, element 2j + 1 in bit 2j + 16 for now
 #pragma unroll
     for (int j = 0; j < 4; ++j) m |= (kept_halves<T, RELU>(as_pair<T>(word(x.v, j))) & 0x10001u) << (2 * j);
@@ -155,9 +164,9 @@ __device__ __forceinline__ Vec<T> square_pairs(const Vec<T>& x, Mask mask) {
 }
 
 // The vector of square(x) where `keep` has the element's bit, else 0.
-template <typename T, bool SCALAR = false>
+template <typename T>
 __device__ __forceinline__ Vec<T> square_kept(const Vec<T>& x, uint32_t keep) {
-  if constexpr (Pair<T>::OK && !SCALAR) {
+  if constexpr (Pair<T>::OK) {
     return square_pairs(x, [keep](int j, typename Pair<T>::P) {
       const uint32_t b = keep >> (2 * j);
       return (b & 1u) * 0xffffu | (b & 2u) * 0x7fff8000u;
@@ -171,12 +180,12 @@ __device__ __forceinline__ Vec<T> square_kept(const Vec<T>& x, uint32_t keep) {
 }
 
 // square_kept(x, nonzero_mask<T, RELU>(x)), with the packed compare as the mask (no bits to expand).
-template <typename T, bool RELU, bool SCALAR = false>
+template <typename T, bool RELU>
 __device__ __forceinline__ Vec<T> square_nonzero(const Vec<T>& x) {
-  if constexpr (Pair<T>::OK && !SCALAR) {
+  if constexpr (Pair<T>::OK) {
     return square_pairs(x, [](int, typename Pair<T>::P p) { return kept_halves<T, RELU>(p); });
   } else {
-    return square_kept<T, SCALAR>(x, nonzero_mask<T, RELU, SCALAR>(x));
+    return square_kept<T>(x, nonzero_mask<T, RELU>(x));
   }
 }
 
@@ -228,11 +237,22 @@ __device__ __forceinline__ long long warp_sum(long long v) {
   return v;
 }
 
+// Barriers over the threads that work on a band: the whole block, or one compute group of the ring pack (a named
+// barrier) while its other groups, producer and look-back warps run on.
+struct BlockSync {
+  static __device__ __forceinline__ void sync() { __syncthreads(); }
+};
+struct ComputeSync {  // group g's threads are [256 g, 256 (g + 1)), its barrier 1 + g
+  static __device__ __forceinline__ void sync() {
+    asm volatile("bar.sync %0, %1;" ::"r"(1 + int(threadIdx.x) / kThreads), "n"(kThreads) : "memory");
+  }
+};
+
 // Positions inside the band: base[it] = stored elements of the band before item `it`'s vector in row-major order,
 // from each thread's masks; returns the band's total. Uses (and leaves synchronised) s_warp[kWarps].
-template <int ITEMS>
+template <int ITEMS, typename Sync = BlockSync>
 __device__ __forceinline__ int band_scan(const uint32_t (&m)[ITEMS], int (&base)[ITEMS], int* s_warp) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = tid() & 31, warp = tid() >> 5;
   int running = 0;
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it) {
@@ -242,7 +262,7 @@ __device__ __forceinline__ int band_scan(const uint32_t (&m)[ITEMS], int (&base)
     running += __shfl_sync(kFull, s, 31);
   }
   if (lane == 0) s_warp[warp] = running;
-  __syncthreads();
+  Sync::sync();
   int before = 0, total = 0;
 #pragma unroll
   for (int w = 0; w < kWarps; ++w) {
@@ -258,7 +278,7 @@ __device__ __forceinline__ int band_scan(const uint32_t (&m)[ITEMS], int (&base)
 // The sum of every thread's v, for the whole block (s_warp[kWarps] is written: sync before reusing it).
 __device__ __forceinline__ int block_sum(int v, int* s_warp) {
   v = __reduce_add_sync(kFull, v);
-  if ((threadIdx.x & 31) == 0) s_warp[threadIdx.x >> 5] = v;
+  if ((tid() & 31) == 0) s_warp[tid() >> 5] = v;
   __syncthreads();
   int total = 0;
 #pragma unroll
@@ -332,21 +352,43 @@ __device__ __forceinline__ void for_span(long long lo, long long hi, Element ele
   constexpr int N = Vec<T>::N;
   const long long first = (lo + N - 1) / N, last = hi / N;  // whole vectors [first, last)
   const long long head = first < last ? first * N : hi, tail = first < last ? last * N : hi;
-  for (long long i = lo + threadIdx.x; i < head; i += kThreads) element(i);
-  for (long long i = tail + threadIdx.x; i < hi; i += kThreads) element(i);
-  for (long long k = first + threadIdx.x; k < last; k += kThreads) vector(k);
+  for (long long i = lo + tid(); i < head; i += kThreads) element(i);
+  for (long long i = tail + tid(); i < hi; i += kThreads) element(i);
+  for (long long k = first + tid(); k < last; k += kThreads) vector(k);
 }
 
-// values[start + i] = s[i] for i < count: aligned 16-byte vectors, single elements at the two ends.
+// The 16 bytes at byte 4 * Q + shift / 8 of the 32 bytes a:b (shift 0 or 16).
+template <int Q>
+__device__ __forceinline__ uint4 window(const uint4& a, const uint4& b, uint32_t shift) {
+  const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  return make_uint4(__funnelshift_r(w[Q], w[Q + 1], shift), __funnelshift_r(w[Q + 1], w[Q + 2], shift),
+                    __funnelshift_r(w[Q + 2], w[Q + 3], shift), __funnelshift_r(w[Q + 3], w[Q + 4], shift));
+}
+
+// values[start + i] = s[i] for i < count: aligned 16-byte vectors, single elements at the two ends. s is 16-byte
+// aligned; a vector of values is cut from the two aligned 16-byte words of s under it (the cut is the same for every
+// vector, since start is) instead of read element by element: 2 shared loads instead of 8.
 template <typename T>
 __device__ __forceinline__ void store_staged(typename Elem<T>::Raw* values, const typename Elem<T>::Raw* s,
                                              long long start, int count) {
+  constexpr int kSize = int(sizeof(typename Elem<T>::Raw));
+  const uint4* s4 = reinterpret_cast<const uint4*>(s);
   for_span<T>(start, start + count, [&](long long i) { values[i] = s[i - start]; }, [&](long long k) {
-    Vec<T> v;
-    const int at = int(k * Vec<T>::N - start);
-#pragma unroll
-    for (int e = 0; e < Vec<T>::N; ++e) v.e[e] = s[at + e];
-    reinterpret_cast<uint4*>(values)[k] = v.v;
+    const int at = int(k * Vec<T>::N - start) * kSize;  // byte offset in s, >= 0
+    const int cut = at & 15;
+    const uint4 a = s4[at >> 4];
+    uint4 v = a;
+    if (cut != 0) {  // [at, at + 16) lies in s's count elements, so the next aligned word is inside s too
+      const uint4 b = s4[(at >> 4) + 1];
+      const uint32_t shift = (cut & 3) * 8;
+      switch (cut >> 2) {
+        case 0: v = window<0>(a, b, shift); break;
+        case 1: v = window<1>(a, b, shift); break;
+        case 2: v = window<2>(a, b, shift); break;
+        default: v = window<3>(a, b, shift); break;
+      }
+    }
+    reinterpret_cast<uint4*>(values)[k] = v;
   });
 }
 
@@ -379,18 +421,17 @@ __device__ void zero_tail(typename Elem<T>::Raw* values, const unsigned long lon
               [&](long long k) { reinterpret_cast<uint4*>(values)[k] = make_uint4(0, 0, 0, 0); });
 }
 
-// The pack's launch configurations: vectors per thread (a band is 256 * ITEMS vectors), flags per lane of the
-// look-back (a window of 32 * LOOK_BACK bands), the blocks per SM the registers must allow (0: no bound), and
-// SCALAR: the mask and squares one element at a time, as for float32, even for 16-bit types (for the benchmark).
-template <int ITEMS_, int LOOK_BACK_, int MIN_BLOCKS_, bool SCALAR_ = false>
+// pack_kernel's launch configurations: vectors per thread (a band is 256 * ITEMS vectors), flags per lane of the
+// look-back (a window of 32 * LOOK_BACK bands) and the blocks per SM the registers must allow (0: no bound).
+template <int ITEMS_, int LOOK_BACK_, int MIN_BLOCKS_>
 struct PackConfig {
   static constexpr int ITEMS = ITEMS_, LOOK_BACK = LOOK_BACK_, MIN_BLOCKS = MIN_BLOCKS_ ? MIN_BLOCKS_ : 1;
-  static constexpr bool SCALAR = SCALAR_;
+  static constexpr bool RING = false;
 };
 
 // Loads this thread's vectors of the band (zeros past the end), their nonzero masks, and their band-local positions;
 // returns the band's total.
-template <typename T, bool RELU, typename CFG>
+template <typename T, bool RELU, typename CFG, typename Sync = BlockSync>
 __device__ __forceinline__ int load_band(const uint4* __restrict__ x, int v0, int n_vectors,
                                          Vec<T> (&xv)[CFG::ITEMS], uint32_t (&m)[CFG::ITEMS],
                                          int (&base)[CFG::ITEMS], int* s_warp) {
@@ -400,8 +441,8 @@ __device__ __forceinline__ int load_band(const uint4* __restrict__ x, int v0, in
     xv[it].v = v < n_vectors ? __ldcs(x + v) : make_uint4(0, 0, 0, 0);  // read once: evict first
   }
 #pragma unroll
-  for (int it = 0; it < CFG::ITEMS; ++it) m[it] = nonzero_mask<T, RELU, CFG::SCALAR>(xv[it]);
-  return band_scan<CFG::ITEMS>(m, base, s_warp);
+  for (int it = 0; it < CFG::ITEMS; ++it) m[it] = nonzero_mask<T, RELU>(xv[it]);
+  return band_scan<CFG::ITEMS, Sync>(m, base, s_warp);
 }
 
 // Writes the bits and h of this thread's vectors for the stored elements `keep` (all lanes of the warp call it).
@@ -422,19 +463,19 @@ __device__ __forceinline__ void store_bits_h(int v, int n_vectors, uint32_t keep
 
 // A band that crosses the capacity (only when the whole input overflows): its bits and h again, with the cut. The
 // same threads wrote the same words and vectors before, so program order makes these the final ones.
-template <typename T, bool RELU, bool SQUARE, typename CFG>
+template <typename T, bool RELU, bool SQUARE, typename CFG, typename Sync>
 __device__ __noinline__ void cut_band(const uint4* __restrict__ x, int v0, int n_vectors, long long prefix,
                                       long long capacity, uint32_t* __restrict__ bits, uint4* __restrict__ h,
                                       int* s_warp) {
   Vec<T> xv[CFG::ITEMS];
   uint32_t m[CFG::ITEMS];
   int base[CFG::ITEMS];
-  __syncthreads();  // s_warp is reused
-  load_band<T, RELU, CFG>(x, v0, n_vectors, xv, m, base, s_warp);
+  Sync::sync();  // s_warp is reused
+  load_band<T, RELU, CFG, Sync>(x, v0, n_vectors, xv, m, base, s_warp);
 #pragma unroll
   for (int it = 0; it < CFG::ITEMS; ++it) {
     const uint32_t keep = lowest_bits<Vec<T>::N>(m[it], capacity - (prefix + base[it]));
-    store_bits_h<T, SQUARE>(v0 + it * 32, n_vectors, keep, square_kept<T, CFG::SCALAR>(xv[it], keep), bits, h);
+    store_bits_h<T, SQUARE>(v0 + it * 32, n_vectors, keep, square_kept<T>(xv[it], keep), bits, h);
   }
 }
 
@@ -445,7 +486,7 @@ struct BandPos {
   template <int ITEMS>
   static __device__ __forceinline__ BandPos of(int band, int row_vectors) {
     const int first = band * kThreads * ITEMS;
-    return {band, first, first + (int(threadIdx.x) >> 5) * 32 * ITEMS + (int(threadIdx.x) & 31),
+    return {band, first, first + (tid() >> 5) * 32 * ITEMS + (tid() & 31),
             (first + row_vectors - 1) / row_vectors};
   }
 };
@@ -453,7 +494,7 @@ struct BandPos {
 // Step 1's end: flag `band`'s aggregate (flag 0: its inclusive prefix) and, with band_counts, its count.
 __device__ __forceinline__ void publish_aggregate(unsigned long long* flags, int band, int total, long long capacity,
                                                   int32_t* band_counts) {
-  if (threadIdx.x != 0) return;
+  if (tid() != 0) return;
   flag_store(flags + band, (band == 0 ? kInclusive : kAggregate) | (unsigned long long)min((long long)total, capacity));
   if (band_counts) band_counts[band] = total;
 }
@@ -472,7 +513,7 @@ __device__ __forceinline__ void stage_band(const BandPos& p, int n_vectors, int 
 #pragma unroll
   for (int it = 0; it < CFG::ITEMS; ++it) {
     const int v = p.v0 + it * 32;
-    store_bits_h<T, SQUARE>(v, n_vectors, m[it], square_nonzero<T, RELU, CFG::SCALAR>(xv[it]), bits, h);
+    store_bits_h<T, SQUARE>(v, n_vectors, m[it], square_nonzero<T, RELU>(xv[it]), bits, h);
     if (v < n_vectors) {
       if (col == 0) s_rows[row - p.first_row] = base[it];
       append_kept<T>(s_at + base[it] * uint32_t(sizeof(typename Elem<T>::Raw)), xv[it], m[it]);
@@ -498,7 +539,7 @@ __device__ __forceinline__ long long band_prefix(unsigned long long* flags, int 
 }
 
 // Step 4: row offsets, the cut (if the band crosses the capacity), the values.
-template <typename T, bool RELU, bool SQUARE, typename CFG>
+template <typename T, bool RELU, bool SQUARE, typename CFG, typename Sync = BlockSync>
 __device__ __forceinline__ void write_band(const BandPos& p, int total, long long prefix, const uint4* __restrict__ x,
                                            int n_vectors, int row_vectors, long long capacity,
                                            uint32_t* __restrict__ bits, typename Elem<T>::Raw* __restrict__ values,
@@ -506,11 +547,11 @@ __device__ __forceinline__ void write_band(const BandPos& p, int total, long lon
                                            const int* s_rows, const typename Elem<T>::Raw* s_values, int* s_warp) {
   const int last = min(p.first + kThreads * CFG::ITEMS, n_vectors);
   const int n_rows = (last + row_vectors - 1) / row_vectors - p.first_row;
-  for (int i = threadIdx.x; i < n_rows; i += kThreads) {
+  for (int i = tid(); i < n_rows; i += kThreads) {
     row_offsets[p.first_row + i] = int32_t(min(prefix + s_rows[i], capacity));
   }
   if (prefix + total > capacity) {  // uniform across the block
-    cut_band<T, RELU, SQUARE, CFG>(x, p.v0, n_vectors, prefix, capacity, bits, h, s_warp);
+    cut_band<T, RELU, SQUARE, CFG, Sync>(x, p.v0, n_vectors, prefix, capacity, bits, h, s_warp);
   }
   store_staged<T>(values, s_values, prefix, int(min(prefix + total, capacity) - prefix));
 }
@@ -529,7 +570,7 @@ __global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
   __shared__ int s_band;
   __shared__ int s_warp[kWarps];
   __shared__ int s_rows[BAND / (32 / Vec<T>::N)];  // rows are >= 32 / N vectors long
-  __shared__ Raw s_values[BAND * Vec<T>::N];
+  __shared__ __align__(16) Raw s_values[BAND * Vec<T>::N];  // store_staged reads it as 16-byte words
   unsigned long long* flags = state + 1;
   if (threadIdx.x == 0) s_band = int(atomicAdd(state, 1ull));
   __syncthreads();

@@ -10,12 +10,14 @@
 #include <cuda_runtime.h>
 #include <cusparseLt.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <string>
 #include <type_traits>
 
 #include "bitmask.h"
+#include "pack_ring.h"
 #include "plan_cache.h"
 #include "sparsify24.h"
 #include "xla/ffi/api/ffi.h"
@@ -369,30 +371,36 @@ Status bitmask_shapes(ffi::AnyBuffer::Dimensions dense, ffi::DataType dtype, ffi
   return {};
 }
 
-// The pack's launch configurations (the Python wrapper's PACK_VARIANTS; 0 is the default): vectors per thread, flags
-// per lane of the look-back, blocks per SM the registers must allow, and the scalar mask and squares. The others exist
-// for bfloat16 only, for the benchmark's sweep. Measured (H100, 16384 x 8192, 85% / 95% zeros, 4 x 20 x 5 calls
-// interleaved in one process, copy 0.196 ms): the default 0.275 / 0.259 ms; 4-item bands at 4 blocks per SM 0.293 /
-// 0.279; 6 items at 3 blocks 0.278 / 0.265. Measured and dropped (git history, 92458b8): 4 items at 5 blocks and 2
-// items at 8 (both spill; 0.302 / 0.291 and 0.338 / 0.325), no register bound (0.41 / 0.39), and a pipelined
-// persistent pack (cp.async of the next band into shared memory, counted during the look-back; 0.283 / 0.272 with a
-// 32-flag window, 0.35-0.40 with 128); before it, persistent blocks loading the next band into registers (034fe81)
-// and segments of several bands written in a second pass (2e0b922), both slower than the default of their day.
+// The pack's launch configurations (the Python wrapper's PACK_VARIANTS; 0 is the default, the others exist for
+// bfloat16 only, for the benchmark's sweep): the ring pack's (pack_ring.h: vectors per compute thread, bands in shared
+// memory, lag, compute groups) and pack_kernel's (bitmask.h: vectors per thread, look-back flags per lane, blocks per SM
+// the registers must allow). Measured (H100, 16384 x 8192 bf16, 85% / 95% zeros, interleaved in one process,
+// benchmarks/results/remat_pack_variants.json; copy 0.196 ms): the ring with 32 KiB bands, 6 stages and a lag of 3
+// 0.249 / 0.233 ms; a lag of 2 0.254 / 0.238, of 1 0.281 / 0.270 (the look-back must finish before the compute warps
+// come back for the band); 48 KiB bands in 4 stages 0.250 / 0.234; two compute groups (24 KiB bands, 8 stages) 0.268 /
+// 0.238, or 32 KiB bands spilling at the 96 registers 18 warps allow, 0.28-0.32. pack_kernel: 32 KiB bands at 2
+// blocks per SM 0.274 / 0.260, 16 KiB at 4 0.289 / 0.276. Measured and dropped: pack_kernel with a 4-flag look-back
+// window (0.281 / 0.269), 6 items at 3 blocks (0.276 / 0.258), the scalar mask and squares (0.296 / 0.277), 4 items at
+// 5 blocks and 2 items at 8 (both spill; 0.302 / 0.291 and 0.338 / 0.325), no register bound (0.41 / 0.39), a pipelined
+// persistent pack_kernel (cp.async of the next band into shared memory, counted during the look-back; 0.283 / 0.272;
+// 92458b8), persistent blocks loading the next band into registers (034fe81) and segments of several bands written in
+// a second pass (2e0b922).
 //
 // Calls fn(CFG{}) with variant's configuration and returns true, or returns false for a variant unknown for the dtype
 // (ALL_VARIANTS: bfloat16, or a lookup that launches nothing).
 template <bool ALL_VARIANTS, typename Fn>
 bool visit_pack_variant(int variant, Fn&& fn) {
   if (variant == 0) {
-    fn(bitmask::PackConfig<8, 1, 2>{});
+    fn(bitmask::RingConfig<8, 6, 3>{});
     return true;
   }
   if constexpr (ALL_VARIANTS) {
     switch (variant) {
-      case 1: fn(bitmask::PackConfig<4, 1, 4>{}); return true;
-      case 2: fn(bitmask::PackConfig<8, 4, 2>{}); return true;
-      case 3: fn(bitmask::PackConfig<6, 1, 3>{}); return true;
-      case 4: fn(bitmask::PackConfig<4, 1, 4, true>{}); return true;
+      case 1: fn(bitmask::PackConfig<8, 1, 2>{}); return true;
+      case 2: fn(bitmask::PackConfig<4, 1, 4>{}); return true;
+      case 3: fn(bitmask::RingConfig<8, 6, 2>{}); return true;
+      case 4: fn(bitmask::RingConfig<12, 4, 2>{}); return true;
+      case 5: fn(bitmask::RingConfig<6, 8, 2, 2>{}); return true;
       default: break;
     }
   }
@@ -410,19 +418,43 @@ Status launch_bitmask_pack(bool relu, const void* x, int64_t n_vectors, int64_t 
                            void* h, unsigned long long* state, cudaStream_t stream) {
   using Raw = typename Elem<T>::Raw;
   const int64_t n_zero = (capacity + kBitmaskZeroSpan - 1) / kBitmaskZeroSpan;
+  Status status;
   auto run = [&](auto flags) {
     using K = decltype(flags);
-    bitmask::pack_kernel<T, K::RELU, K::SQUARE, CFG>
-        <<<dim3(unsigned(n_bands + n_zero)), bitmask::kThreads, 0, stream>>>(
-            static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), capacity, kBitmaskZeroSpan,
-            static_cast<uint32_t*>(bits), static_cast<Raw*>(values), static_cast<int32_t*>(offsets),
-            static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
+    if constexpr (CFG::RING) {
+      auto kernel = bitmask::pack_ring_kernel<T, K::RELU, K::SQUARE, CFG>;
+      // Above 48 KiB of dynamic shared memory a kernel must opt in, once per device (up to 64 devices remembered).
+      static std::atomic<unsigned long long> opted_in{0};
+      int device = 0, sms = 0;
+      cudaError_t e = cudaGetDevice(&device);
+      if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      const unsigned long long bit = 1ull << (device & 63);
+      if (e == cudaSuccess && !(opted_in.load() & bit)) {
+        e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, CFG::kDynamicSmem);
+        if (e == cudaSuccess) opted_in |= bit;
+      }
+      if (e != cudaSuccess) {
+        status = std::string("the ring pack's launch setup: ") + cudaGetErrorString(e);
+        return;
+      }
+      kernel<<<dim3(unsigned(sms)), CFG::kThreads, CFG::kDynamicSmem, stream>>>(
+          static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), capacity,
+          static_cast<uint32_t*>(bits), static_cast<Raw*>(values), static_cast<int32_t*>(offsets),
+          static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
+    } else {
+      bitmask::pack_kernel<T, K::RELU, K::SQUARE, CFG>
+          <<<dim3(unsigned(n_bands + n_zero)), bitmask::kThreads, 0, stream>>>(
+              static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), capacity,
+              kBitmaskZeroSpan, static_cast<uint32_t*>(bits), static_cast<Raw*>(values),
+              static_cast<int32_t*>(offsets), static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
+    }
   };
   if (relu) {
     h ? run(KernelFlags<true, true>{}) : run(KernelFlags<true, false>{});
   } else {
     h ? run(KernelFlags<false, true>{}) : run(KernelFlags<false, false>{});
   }
+  if (!status.empty()) return status;
   JSPARSE_CUDA(cudaGetLastError());
   return {};
 }
