@@ -254,6 +254,11 @@ def test_cuda_kernels_match_reference(shape, dtype, capacity, relu):
                          want_r)
   no_h = jax.jit(lambda a: cuda.pack(a, cap, relu=relu, square_out=False))(x)
   assert_bitwise_equal(no_h[1], want.values)
+  # variant 1, the default's stand-in before Hopper, for every dtype
+  bits, values, offsets, counts, h = jax.jit(lambda a: cuda.pack(a, cap, relu=relu, square_out=True, variant=1))(x)
+  for got, exp in ((bits, want.bits), (values, want.values), (offsets, want.row_offsets), (h, want_h)):
+    assert_bitwise_equal(got, exp)
+  assert counts.shape == (cuda.n_bands(shape, dtype),)
 
 
 @pytest.mark.gpu

@@ -388,15 +388,25 @@ Status bitmask_shapes(ffi::AnyBuffer::Dimensions dense, ffi::DataType dtype, ffi
 //
 // Calls fn(CFG{}) with variant's configuration and returns true, or returns false for a variant unknown for the dtype
 // (ALL_VARIANTS: bfloat16, or a lookup that launches nothing).
+// Before Hopper the default (the ring) is replaced by variant 1, pack_kernel's bands of the same size (so the same
+// band counts); other ring variants are an error there.
+using DefaultPack = bitmask::RingConfig<8, 6, 3>;
+using FallbackPack = bitmask::PackConfig<8, 1, 2>;
+static_assert(DefaultPack::ITEMS == FallbackPack::ITEMS, "the fallback must cut the same bands");
+constexpr int kPackFallbackVariant = 1;
+
 template <bool ALL_VARIANTS, typename Fn>
 bool visit_pack_variant(int variant, Fn&& fn) {
   if (variant == 0) {
-    fn(bitmask::RingConfig<8, 6, 3>{});
+    fn(DefaultPack{});
+    return true;
+  }
+  if (variant == kPackFallbackVariant) {  // for every dtype: the default's stand-in before Hopper
+    fn(FallbackPack{});
     return true;
   }
   if constexpr (ALL_VARIANTS) {
     switch (variant) {
-      case 1: fn(bitmask::PackConfig<8, 1, 2>{}); return true;
       case 2: fn(bitmask::PackConfig<4, 1, 4>{}); return true;
       case 3: fn(bitmask::RingConfig<8, 6, 2>{}); return true;
       case 4: fn(bitmask::RingConfig<12, 4, 2>{}); return true;
@@ -459,13 +469,28 @@ Status launch_bitmask_pack(bool relu, const void* x, int64_t n_vectors, int64_t 
   return {};
 }
 
+// Whether the current device runs the ring pack (sm_90's bulk copies and transaction-counted mbarriers).
+bool ring_supported() {
+  int device = 0, major = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+}
+
 Status bitmask_pack(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer x,
                     ffi::Result<ffi::AnyBuffer> bits, ffi::Result<ffi::AnyBuffer> values,
                     ffi::Result<ffi::AnyBuffer> offsets, ffi::Result<ffi::AnyBuffer> counts, ffi::AnyBuffer* h,
                     int32_t relu, int32_t variant) {
   int items = 0;
-  if (!visit_pack_variant<true>(variant, [&](auto cfg) { items = decltype(cfg)::ITEMS; })) {
+  bool ring = false;
+  if (!visit_pack_variant<true>(variant, [&](auto cfg) {
+        items = decltype(cfg)::ITEMS;
+        ring = decltype(cfg)::RING;
+      })) {
     return "unknown pack variant " + std::to_string(variant);
+  }
+  if (ring && !ring_supported()) {
+    if (variant != 0) return "pack variant " + std::to_string(variant) + " needs an sm_90 GPU";
+    variant = kPackFallbackVariant;
   }
   int64_t rows, cols, row_vectors, n_bands;
   JSPARSE_RETURN_IF_ERROR(bitmask_shapes(x.dimensions(), x.element_type(), bits->dimensions(),

@@ -8,15 +8,18 @@
 // band, cp.async.bulk into shared memory), and a look-back warp finds each band's prefix while the compute warps go on
 // to the next bands; a band's values are written LAG bands later, when its prefix is long known.
 //
-// One persistent block per SM: 8 compute warps (the band's 256 threads of pack_kernel), a producer warp and a look-back
-// warp. Band i of the block sits in stage i % STAGES; four mbarriers per stage hand it on:
+// One persistent block per SM: a compute group of 8 warps (the band's 256 threads of pack_kernel; GROUPS > 1 groups
+// take the ring's bands in turn, measured no faster), a producer warp and a look-back warp. Band i of the block sits
+// in stage i % STAGES; four mbarriers per stage hand it on:
 //   full      producer -> compute    the band's ticket and (but past the last band) its bytes have landed;
 //   counted   compute -> look-back   the band's total is in s_total and its aggregate is published;
 //   prefixed  look-back -> compute   its exclusive prefix is in s_prefix and its inclusive prefix is published;
 //   empty     compute -> producer    its values are written: the stage may take the next ticket.
 // Compute, for band i: the vectors from shared memory, masks, band scan, aggregate; bits and h straight to global
 // memory; the kept values compacted in place into the band's own stage (every thread has read its vectors by the band
-// scan's barrier); then band i - LAG's row offsets and values (stage_band / write_band of pack_kernel).
+// scan's barrier); then band i - LAG's row offsets and values (stage_band / write_band of pack_kernel). Past the last
+// band, the producer marks one stage per group as the end; once the last band's inclusive prefix is out, each group
+// zeroes its slice of the values buffer's unused tail.
 //
 // No deadlock: tickets are taken in order by resident blocks only, and the smallest band without an inclusive prefix
 // always completes. Its block's earlier bands are smaller, so their prefixes are out and nothing its compute warps
@@ -42,6 +45,14 @@ struct RingConfig {
   static constexpr int kStageBytes = bitmask::kThreads * ITEMS * 16;
   static constexpr int kDynamicSmem = STAGES * kStageBytes;
 };
+
+// Bulk copies and transaction-counted mbarriers are sm_90's: built for an older GPU the kernel is empty and the host
+// launches pack_kernel instead (ring_supported).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define JSPARSE_RING_ARCH 1
+#else
+#define JSPARSE_RING_ARCH 0
+#endif
 
 namespace ring {
 
@@ -98,6 +109,7 @@ __global__ void __launch_bounds__(CFG::kThreads, 1)
                      uint32_t* __restrict__ bits, typename Elem<T>::Raw* __restrict__ values,
                      int32_t* __restrict__ row_offsets, int32_t* __restrict__ band_counts, uint4* __restrict__ h,
                      unsigned long long* __restrict__ state) {
+#if JSPARSE_RING_ARCH
   using Raw = typename Elem<T>::Raw;
   constexpr int ITEMS = CFG::ITEMS, S = CFG::STAGES, G = CFG::GROUPS, LAG = CFG::LAG * G;  // LAG: in ring bands
   constexpr int BAND = kThreads * ITEMS;
@@ -221,6 +233,7 @@ __global__ void __launch_bounds__(CFG::kThreads, 1)
     for_span<T>(lo, hi, [&](long long k) { values[k] = 0; },
                 [&](long long k) { reinterpret_cast<uint4*>(values)[k] = make_uint4(0, 0, 0, 0); });
   }
+#endif  // JSPARSE_RING_ARCH
 }
 
 }  // namespace bitmask
