@@ -371,30 +371,31 @@ Status bitmask_shapes(ffi::AnyBuffer::Dimensions dense, ffi::DataType dtype, ffi
   return {};
 }
 
-// The pack's launch configurations (the Python wrapper's PACK_VARIANTS; 0 is the default, the others exist for
-// bfloat16 only, for the benchmark's sweep): the ring pack's (pack_ring.h: vectors per compute thread, bands in shared
-// memory, lag, compute groups) and pack_kernel's (bitmask.h: vectors per thread, look-back flags per lane, blocks per SM
-// the registers must allow). Measured (H100, 16384 x 8192 bf16, 85% / 95% zeros, interleaved in one process,
-// benchmarks/results/remat_pack_variants.json; copy 0.196 ms): the ring with 32 KiB bands, 6 stages and a lag of 3
-// 0.249 / 0.233 ms; a lag of 2 0.254 / 0.238, of 1 0.281 / 0.270 (the look-back must finish before the compute warps
-// come back for the band); 48 KiB bands in 4 stages 0.250 / 0.234; two compute groups (24 KiB bands, 8 stages) 0.268 /
-// 0.238, or 32 KiB bands spilling at the 96 registers 18 warps allow, 0.28-0.32. pack_kernel: 32 KiB bands at 2
-// blocks per SM 0.274 / 0.260, 16 KiB at 4 0.289 / 0.276. Measured and dropped: pack_kernel with a 4-flag look-back
-// window (0.281 / 0.269), 6 items at 3 blocks (0.276 / 0.258), the scalar mask and squares (0.296 / 0.277), 4 items at
-// 5 blocks and 2 items at 8 (both spill; 0.302 / 0.291 and 0.338 / 0.325), no register bound (0.41 / 0.39), a pipelined
-// persistent pack_kernel (cp.async of the next band into shared memory, counted during the look-back; 0.283 / 0.272;
-// 92458b8), persistent blocks loading the next band into registers (034fe81) and segments of several bands written in
-// a second pass (2e0b922).
+// The pack's launch configurations (the Python wrapper's PACK_VARIANTS): the ring pack's (pack_ring.h: vectors per
+// compute thread, bands in shared memory, lag, compute groups) and pack_kernel's (bitmask.h: vectors per thread,
+// look-back flags per lane, blocks per SM the registers must allow). 0 is the default. Before Hopper it is replaced by
+// variant 1, pack_kernel's bands of the same size (so the same band counts), which exists for every dtype; the others
+// are bfloat16-only, for the benchmark's sweep, and the ring variants are an error before Hopper.
 //
-// Calls fn(CFG{}) with variant's configuration and returns true, or returns false for a variant unknown for the dtype
-// (ALL_VARIANTS: bfloat16, or a lookup that launches nothing).
-// Before Hopper the default (the ring) is replaced by variant 1, pack_kernel's bands of the same size (so the same
-// band counts); other ring variants are an error there.
+// Measured (H100, 16384 x 8192 bf16, 85% / 95% zeros, interleaved in one process,
+// benchmarks/results/remat_pack_variants.json; copy 0.191 ms): the ring with 32 KiB bands, 6 stages and a lag of 3
+// 0.243 / 0.230 ms; a lag of 2 0.249 / 0.234; 48 KiB bands in 4 stages 0.246 / 0.230; two compute groups of 24 KiB
+// bands in 8 stages 0.242 / 0.229 (no faster: the second group shrinks the ring's in-flight part); pack_kernel with
+// 32 KiB bands at 2 blocks per SM 0.270 / 0.254, 16 KiB at 4 0.285 / 0.272. In earlier processes of the same session:
+// a lag of 1 0.281 / 0.270 (a band's look-back waits for predecessors still in other blocks' rings), two groups of
+// 32 KiB bands 0.28-0.32 (they spill at the 96 registers 18 warps allow), and, dropped, pack_kernel with a 4-flag
+// look-back window (0.281 / 0.269), 6 items at 3 blocks (0.276 / 0.258) and the scalar mask and squares (0.296 /
+// 0.277). Dropped before (git history): 4 items at 5 blocks and 2 items at 8 (both spill; 0.302 / 0.291 and 0.338 /
+// 0.325), no register bound (0.41 / 0.39), a pipelined persistent pack_kernel (cp.async of the next band into shared
+// memory, counted during the look-back; 0.283 / 0.272; 92458b8), persistent blocks loading the next band into
+// registers (034fe81) and segments of several bands written in a second pass (2e0b922).
 using DefaultPack = bitmask::RingConfig<8, 6, 3>;
 using FallbackPack = bitmask::PackConfig<8, 1, 2>;
 static_assert(DefaultPack::ITEMS == FallbackPack::ITEMS, "the fallback must cut the same bands");
 constexpr int kPackFallbackVariant = 1;
 
+// Calls fn(CFG{}) with variant's configuration and returns true, or returns false for a variant unknown for the dtype
+// (ALL_VARIANTS: bfloat16, or a lookup that launches nothing).
 template <bool ALL_VARIANTS, typename Fn>
 bool visit_pack_variant(int variant, Fn&& fn) {
   if (variant == 0) {
