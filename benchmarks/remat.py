@@ -146,6 +146,18 @@ def _pack_bytes(n, nnz, square):
   return n * 2 + n // 8 + nnz * 2 + (n * 2 if square else 0)
 
 
+def _same_pack(outs, want, per_row_counts: bool) -> bool:
+  """Whether two packers' (bits, values, offsets, counts, h) agree bit for bit (bf16 values and h as their bits).
+  Counts per band (the CUDA pack's) have one length per band size: with per_row_counts=False only their sums are
+  compared."""
+  bits, values, offs, cnt, h = outs
+  want_bits, want_values, want_offs, want_cnt, want_h = want
+  same_counts = jnp.array_equal(cnt, want_cnt) if per_row_counts else jnp.sum(cnt) == jnp.sum(want_cnt)
+  return bool(jnp.array_equal(bits, want_bits) & jnp.array_equal(values.view(jnp.uint16), want_values.view(jnp.uint16))
+              & jnp.array_equal(offs, want_offs) & same_counts
+              & jnp.array_equal(h.view(jnp.uint16), want_h.view(jnp.uint16)))
+
+
 def bench_kernels(T, F, zeros_list, sweep: bool, top: int = 3, out: str | None = None):
   records, rows = [], []
   n = T * F
@@ -191,13 +203,8 @@ def bench_kernels(T, F, zeros_list, sweep: bool, top: int = 3, out: str | None =
         **tag)
 
     def same_pack(outs, per_row_counts: bool) -> bool:
-      """Whether a packer's (bits, values, offsets, counts, h) are the two-pass kernels', bit for bit (the CUDA pack
-      counts per band: their sum is compared)."""
-      bits, values, offs, cnt, h = outs
-      same_counts = jnp.array_equal(cnt, counts) if per_row_counts else jnp.sum(cnt) == jnp.sum(counts)
-      return bool(jnp.array_equal(bits, want_bits) & jnp.array_equal(values, want_values)
-                  & jnp.array_equal(offs, offsets) & same_counts
-                  & jnp.array_equal(h.view(jnp.uint16), want_h.view(jnp.uint16)))
+      """Whether a packer's (bits, values, offsets, counts, h) are the two-pass kernels', bit for bit."""
+      return _same_pack(outs, (want_bits, want_values, offsets, counts, want_h), per_row_counts)
 
     # Single-pass packer: the sweep (first sparsity), then the fastest `top` and the default (other sparsities).
     if ranked is None:
@@ -355,26 +362,19 @@ def bench_pack_variants(T, F, zeros_list, variants=None, rounds: int = 4):
   variants = list(compress_cuda.PACK_VARIANTS) if variants is None else variants
   records, n = [], T * F
   copy = jax.jit(lambda a: -a)
-
-  def same(a, b):
-    bitwise = (lambda z: z.view(jnp.uint16)) if a.dtype == jnp.bfloat16 else (lambda z: z)
-    return bool(jnp.array_equal(bitwise(a), bitwise(b)))
-
   for zeros in zeros_list:
     y = jax.random.normal(jax.random.key(1), (T, F), jnp.bfloat16) - _ppf(zeros)
     cap = fmt.capacity_elements("bench", (T, F), min(1.0, (1.0 - zeros) * CAPACITY_MARGIN))
     fns = {v: jax.jit(lambda a, v=v: compress_cuda.pack(a, cap, relu=True, square_out=True, variant=v))
            for v in variants}
-    bits, values, offsets, counts, h = fns[variants[0]](y)
-    nnz = int(jnp.sum(counts))
+    want = fns[variants[0]](y)
+    nnz = int(jnp.sum(want[3]))
     exact = {}
     for v, f in fns.items():  # band counts differ in length between band sizes: their sums are compared
-      b2, v2, o2, c2, h2 = f(y)
-      exact[v] = (same(b2, bits) and same(v2, values) and same(o2, offsets) and same(h2, h)
-                  and int(jnp.sum(c2)) == nnz)
+      exact[v] = _same_pack(f(y), want, per_row_counts=False)
       if not exact[v]:
         print(f"!! pack variant {v} differs from variant {variants[0]}")
-    del bits, values, offsets, counts, h
+    del want
     times = {k: [] for k in ["copy", *variants]}
     for _ in range(rounds):
       times["copy"].append(_time(copy, y))

@@ -222,6 +222,12 @@ def test_errors(bad, match):
     jsparse.pack_bitmask(x, bad.get("capacity", 0.5))
 
 
+def _assert_cuda_pack(got, want, want_h):
+  """The CUDA pack's (bits, values, row_offsets, h), bit for bit the reference's."""
+  for g, e in zip(got, (want.bits, want.values, want.row_offsets, want_h)):
+    assert_bitwise_equal(g, e)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,dtype,capacity,relu", [
     ((16384, 1024), jnp.bfloat16, 0.08, True),  # 1024 bands in flight, overflowing: the look-back under contention
@@ -244,8 +250,7 @@ def test_cuda_kernels_match_reference(shape, dtype, capacity, relu):
   for _ in range(3):
     bits, values, offsets, counts, h = jax.jit(
         lambda a: cuda.pack(a, cap, relu=relu, square_out=True))(x)
-    for got, exp in ((bits, want.bits), (values, want.values), (offsets, want.row_offsets), (h, want_h)):
-      assert_bitwise_equal(got, exp)
+    _assert_cuda_pack((bits, values, offsets, h), want, want_h)
     assert int(jnp.sum(counts)) == int(jnp.sum(ref.row_counts(x, relu)))
     r, rh = jax.jit(lambda b, o, v: cuda.unpack(b, o, v, shape, square_out=True))(bits, offsets, values)
     assert_bitwise_equal(r, want_r)
@@ -256,8 +261,7 @@ def test_cuda_kernels_match_reference(shape, dtype, capacity, relu):
   assert_bitwise_equal(no_h[1], want.values)
   # variant 1, the default's stand-in before Hopper, for every dtype
   bits, values, offsets, counts, h = jax.jit(lambda a: cuda.pack(a, cap, relu=relu, square_out=True, variant=1))(x)
-  for got, exp in ((bits, want.bits), (values, want.values), (offsets, want.row_offsets), (h, want_h)):
-    assert_bitwise_equal(got, exp)
+  _assert_cuda_pack((bits, values, offsets, h), want, want_h)
   assert counts.shape == (cuda.n_bands(shape, dtype),)
 
 
@@ -275,8 +279,7 @@ def test_cuda_pack_variants_match_reference(shape, capacity):
     for _ in range(2):
       bits, values, offsets, counts, h = jax.jit(
           lambda a, v=variant: cuda.pack(a, cap, relu=True, square_out=True, variant=v))(x)
-      for got, exp in ((bits, want.bits), (values, want.values), (offsets, want.row_offsets), (h, want_h)):
-        assert_bitwise_equal(got, exp)
+      _assert_cuda_pack((bits, values, offsets, h), want, want_h)
       assert counts.shape == (cuda.n_bands(shape, x.dtype, variant),)
       assert int(jnp.sum(counts)) == int(jnp.sum(ref.row_counts(x, True)))
 

@@ -25,15 +25,15 @@ from jsparse.kernels.compress import format as fmt
 
 # The pack's launch configurations (jsparse_cusparselt.cu, visit_pack_variant). The ring pack's (pack_ring.h,
 # ring=True): vectors per compute thread, bands in shared memory, the lag (in a group's bands) between a band's scan
-# and its values' write, and compute groups. pack_kernel's (bitmask.h): vectors per thread, look-back flags per lane,
-# and blocks per SM the registers must allow. 0 is the default; 1 (pack_kernel's bands of the same size) stands in for
-# it before Hopper, where the ring's bulk copies do not exist; the others are bfloat16-only, for the benchmark's sweep.
-# The measurements behind the default, and the configurations measured and dropped, are in visit_pack_variant's
-# comment and benchmarks/results/remat_pack_variants.json.
+# and its values' write, and compute groups. pack_kernel's (bitmask.h): vectors per thread and blocks per SM the
+# registers must allow. 0 is the default; 1 (pack_kernel's bands of the same size) stands in for it before Hopper,
+# where the ring's bulk copies do not exist; the others are bfloat16-only, for the benchmark's sweep. The
+# measurements behind the default, and the configurations measured and dropped, are in visit_pack_variant's comment
+# and benchmarks/results/remat_pack_variants.json.
 PACK_VARIANTS = {
     0: dict(items=8, stages=6, lag=3, groups=1, ring=True),
-    1: dict(items=8, look_back=1, min_blocks=2),
-    2: dict(items=4, look_back=1, min_blocks=4),
+    1: dict(items=8, min_blocks=2),
+    2: dict(items=4, min_blocks=4),
     3: dict(items=8, stages=6, lag=2, groups=1, ring=True),
     4: dict(items=12, stages=4, lag=2, groups=1, ring=True),
     5: dict(items=6, stages=8, lag=2, groups=2, ring=True),

@@ -48,7 +48,7 @@ namespace bitmask {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kItems = 4;  // the unpack's vectors per thread (the pack's are in its PackConfig)
+constexpr int kItems = 4;  // the unpack's vectors per thread (the pack's are in its PackConfig or RingConfig)
 constexpr int kBandVectors = kThreads * kItems;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr unsigned long long kAggregate = 1ull << 32;
@@ -311,36 +311,19 @@ __device__ __forceinline__ unsigned long long flag_wait(const unsigned long long
   return f;
 }
 
-// Exclusive prefix of `band` (saturated at capacity), by warp 0. A window of 32 * Q flags is read at once: lane l
-// holds bands end - (Q l + q), q < Q (nearest first), and the window moves back until it holds an inclusive prefix.
-// Wider windows matter because a band in flight far ahead of the last inclusive prefix walks back one L2 round trip
-// per window; the walk's length bounds how many bands per microsecond the pack can retire.
-template <int Q>
+// Exclusive prefix of `band` (saturated at capacity), by one warp: lane l reads band end - l's flag (waiting until
+// it holds at least an aggregate), and the window of 32 moves back until it holds an inclusive prefix; the lanes up to
+// the nearest inclusive one add theirs. (Windows of 128 flags, 4 a lane, measured slower in every form: 92458b8.)
 __device__ __forceinline__ long long look_back(const unsigned long long* flags, long long band, long long capacity) {
   const int lane = threadIdx.x & 31;
   long long prefix = 0;
-  for (long long end = band - 1;; end -= 32 * Q) {
-    unsigned long long f[Q];
-#pragma unroll
-    for (int q = 0; q < Q; ++q) {  // all loads in flight at once
-      const long long j = end - (Q * lane + q);
-      f[q] = j >= 0 ? flag_load(flags + j) : kInclusive;  // before band 0: an inclusive prefix of 0
-    }
-    int first = Q;  // this lane's nearest inclusive prefix
-#pragma unroll
-    for (int q = Q - 1; q >= 0; --q) {
-      const long long j = end - (Q * lane + q);
-      if ((f[q] >> 32) == 0 && j >= 0) f[q] = flag_wait(flags + j);
-      if ((f[q] >> 32) == 2) first = q;
-    }
-    const unsigned inclusive = __ballot_sync(kFull, first < Q);
-    const int stop = inclusive ? __ffs(inclusive) - 1 : 32;  // lanes before it add everything, it adds q <= first
-    long long add = 0;
-#pragma unroll
-    for (int q = 0; q < Q; ++q) {
-      if (lane < stop || (lane == stop && q <= first)) add += (long long)(f[q] & 0xffffffffull);
-    }
-    prefix = min(prefix + warp_sum(add), capacity);
+  for (long long end = band - 1;; end -= 32) {
+    const long long j = end - lane;
+    unsigned long long f = j >= 0 ? flag_load(flags + j) : kInclusive;  // before band 0: an inclusive prefix of 0
+    if ((f >> 32) == 0) f = flag_wait(flags + j);
+    const unsigned inclusive = __ballot_sync(kFull, (f >> 32) == 2);
+    const int stop = inclusive ? __ffs(inclusive) - 1 : 32;  // the nearest inclusive prefix's lane
+    prefix = min(prefix + warp_sum(lane <= stop ? (long long)(f & 0xffffffffull) : 0ll), capacity);
     if (inclusive) return prefix;
   }
 }
@@ -405,40 +388,45 @@ __device__ __forceinline__ void load_staged(const typename Elem<T>::Raw* values,
   });
 }
 
-// values[max(lo, total) : hi) = 0 for tail zeroer z (span elements each), once the last band is out.
-template <typename T>
+// values[max(lo, total) : hi) = 0 for tail zeroer z (span elements each), once the last band is out. s_total: shared
+// memory of the threads that call it (a block, or a ring pack's compute group).
+template <typename T, typename Sync = BlockSync>
 __device__ void zero_tail(typename Elem<T>::Raw* values, const unsigned long long* flags, long long n_bands,
-                          long long capacity, long long z, long long span) {
-  __shared__ long long s_total;
-  if (threadIdx.x == 0) {
+                          long long capacity, long long z, long long span, long long* s_total) {
+  if (tid() == 0) {
     const unsigned long long f = flag_wait<1024>(flags + n_bands - 1, 2);
-    s_total = min((long long)(f & 0xffffffffull), capacity);
+    *s_total = min((long long)(f & 0xffffffffull), capacity);
   }
-  __syncthreads();
-  const long long lo = max(z * span, s_total), hi = min((z + 1) * span, capacity);
+  Sync::sync();
+  const long long lo = max(z * span, *s_total), hi = min((z + 1) * span, capacity);
   if (lo >= hi) return;
   for_span<T>(lo, hi, [&](long long i) { values[i] = 0; },
               [&](long long k) { reinterpret_cast<uint4*>(values)[k] = make_uint4(0, 0, 0, 0); });
 }
 
-// pack_kernel's launch configurations: vectors per thread (a band is 256 * ITEMS vectors), flags per lane of the
-// look-back (a window of 32 * LOOK_BACK bands) and the blocks per SM the registers must allow (0: no bound).
-template <int ITEMS_, int LOOK_BACK_, int MIN_BLOCKS_>
+// pack_kernel's launch configurations: vectors per thread (a band is 256 * ITEMS vectors) and the blocks per SM the
+// registers must allow (0: no bound).
+template <int ITEMS_, int MIN_BLOCKS_>
 struct PackConfig {
-  static constexpr int ITEMS = ITEMS_, LOOK_BACK = LOOK_BACK_, MIN_BLOCKS = MIN_BLOCKS_ ? MIN_BLOCKS_ : 1;
+  static constexpr int ITEMS = ITEMS_, MIN_BLOCKS = MIN_BLOCKS_ ? MIN_BLOCKS_ : 1;
   static constexpr bool RING = false;
 };
 
-// Loads this thread's vectors of the band (zeros past the end), their nonzero masks, and their band-local positions;
-// returns the band's total.
-template <typename T, bool RELU, typename CFG, typename Sync = BlockSync>
-__device__ __forceinline__ int load_band(const uint4* __restrict__ x, int v0, int n_vectors,
-                                         Vec<T> (&xv)[CFG::ITEMS], uint32_t (&m)[CFG::ITEMS],
-                                         int (&base)[CFG::ITEMS], int* s_warp) {
+// A band's vectors straight from the input: read once, so evicted first.
+struct FromGlobal {
+  const uint4* __restrict__ x;
+  __device__ __forceinline__ uint4 operator()(int v) const { return __ldcs(x + v); }
+};
+
+// Loads this thread's vectors of the band (load(v) for vector v; zeros past the end), their nonzero masks, and their
+// band-local positions; returns the band's total.
+template <typename T, bool RELU, typename CFG, typename Sync = BlockSync, typename Load>
+__device__ __forceinline__ int load_band(Load load, int v0, int n_vectors, Vec<T> (&xv)[CFG::ITEMS],
+                                         uint32_t (&m)[CFG::ITEMS], int (&base)[CFG::ITEMS], int* s_warp) {
 #pragma unroll
   for (int it = 0; it < CFG::ITEMS; ++it) {
     const int v = v0 + it * 32;
-    xv[it].v = v < n_vectors ? __ldcs(x + v) : make_uint4(0, 0, 0, 0);  // read once: evict first
+    xv[it].v = v < n_vectors ? load(v) : make_uint4(0, 0, 0, 0);
   }
 #pragma unroll
   for (int it = 0; it < CFG::ITEMS; ++it) m[it] = nonzero_mask<T, RELU>(xv[it]);
@@ -471,7 +459,7 @@ __device__ __noinline__ void cut_band(const uint4* __restrict__ x, int v0, int n
   uint32_t m[CFG::ITEMS];
   int base[CFG::ITEMS];
   Sync::sync();  // s_warp is reused
-  load_band<T, RELU, CFG, Sync>(x, v0, n_vectors, xv, m, base, s_warp);
+  load_band<T, RELU, CFG, Sync>(FromGlobal{x}, v0, n_vectors, xv, m, base, s_warp);
 #pragma unroll
   for (int it = 0; it < CFG::ITEMS; ++it) {
     const uint32_t keep = lowest_bits<Vec<T>::N>(m[it], capacity - (prefix + base[it]));
@@ -523,13 +511,12 @@ __device__ __forceinline__ void stage_band(const BandPos& p, int n_vectors, int 
 }
 
 // Step 3: the band's exclusive prefix (warp 0 looks back and publishes the inclusive prefix), for the whole block.
-template <int LOOK_BACK>
 __device__ __forceinline__ long long band_prefix(unsigned long long* flags, int band, int total, long long capacity,
                                                  long long* s_prefix) {
   if (threadIdx.x < 32) {
     long long prefix = 0;
     if (band > 0) {
-      prefix = look_back<LOOK_BACK>(flags, band, capacity);
+      prefix = look_back(flags, band, capacity);
       if (threadIdx.x == 0) flag_store(flags + band, kInclusive | (unsigned long long)min(prefix + total, capacity));
     }
     if (threadIdx.x == 0) *s_prefix = prefix;
@@ -566,7 +553,7 @@ __global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
   using Raw = typename Elem<T>::Raw;
   constexpr int ITEMS = CFG::ITEMS;
   constexpr int BAND = kThreads * ITEMS;
-  __shared__ long long s_prefix;
+  __shared__ long long s_prefix, s_total;  // s_total: a tail zeroer's
   __shared__ int s_band;
   __shared__ int s_warp[kWarps];
   __shared__ int s_rows[BAND / (32 / Vec<T>::N)];  // rows are >= 32 / N vectors long
@@ -575,7 +562,7 @@ __global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
   if (threadIdx.x == 0) s_band = int(atomicAdd(state, 1ull));
   __syncthreads();
   if (s_band >= n_bands) {
-    zero_tail<T>(values, flags, n_bands, capacity, s_band - n_bands, zero_span);
+    zero_tail<T>(values, flags, n_bands, capacity, s_band - n_bands, zero_span, &s_total);
     return;
   }
   const BandPos p = BandPos::of<ITEMS>(s_band, row_vectors);
@@ -584,11 +571,11 @@ __global__ void __launch_bounds__(kThreads, CFG::MIN_BLOCKS)
     Vec<T> xv[ITEMS];
     uint32_t m[ITEMS];
     int base[ITEMS];
-    total = load_band<T, RELU, CFG>(x, p.v0, n_vectors, xv, m, base, s_warp);  // 1.
+    total = load_band<T, RELU, CFG>(FromGlobal{x}, p.v0, n_vectors, xv, m, base, s_warp);  // 1.
     publish_aggregate(flags, p.band, total, capacity, band_counts);
     stage_band<T, RELU, SQUARE, CFG>(p, n_vectors, row_vectors, xv, m, base, bits, h, s_rows, s_values);  // 2.
   }
-  const long long prefix = band_prefix<CFG::LOOK_BACK>(flags, p.band, total, capacity, &s_prefix);  // 3.
+  const long long prefix = band_prefix(flags, p.band, total, capacity, &s_prefix);  // 3.
   write_band<T, RELU, SQUARE, CFG>(p, total, prefix, x, n_vectors, row_vectors, capacity, bits, values,  // 4.
                                    row_offsets, h, s_rows, s_values, s_warp);
 }

@@ -373,9 +373,9 @@ Status bitmask_shapes(ffi::AnyBuffer::Dimensions dense, ffi::DataType dtype, ffi
 
 // The pack's launch configurations (the Python wrapper's PACK_VARIANTS): the ring pack's (pack_ring.h: vectors per
 // compute thread, bands in shared memory, lag, compute groups) and pack_kernel's (bitmask.h: vectors per thread,
-// look-back flags per lane, blocks per SM the registers must allow). 0 is the default. Before Hopper it is replaced by
-// variant 1, pack_kernel's bands of the same size (so the same band counts), which exists for every dtype; the others
-// are bfloat16-only, for the benchmark's sweep, and the ring variants are an error before Hopper.
+// blocks per SM the registers must allow). 0 is the default. Before Hopper it is replaced by variant 1, pack_kernel's
+// bands of the same size (so the same band counts), which exists for every dtype; the others are bfloat16-only, for
+// the benchmark's sweep, and the ring variants are an error before Hopper.
 //
 // Measured (H100, 16384 x 8192 bf16, 85% / 95% zeros, interleaved in one process,
 // benchmarks/results/remat_pack_variants.json; copy 0.191 ms): the ring with 32 KiB bands, 6 stages and a lag of 3
@@ -390,7 +390,7 @@ Status bitmask_shapes(ffi::AnyBuffer::Dimensions dense, ffi::DataType dtype, ffi
 // memory, counted during the look-back; 0.283 / 0.272; 92458b8), persistent blocks loading the next band into
 // registers (034fe81) and segments of several bands written in a second pass (2e0b922).
 using DefaultPack = bitmask::RingConfig<8, 6, 3>;
-using FallbackPack = bitmask::PackConfig<8, 1, 2>;
+using FallbackPack = bitmask::PackConfig<8, 2>;
 static_assert(DefaultPack::ITEMS == FallbackPack::ITEMS, "the fallback must cut the same bands");
 constexpr int kPackFallbackVariant = 1;
 
@@ -408,7 +408,7 @@ bool visit_pack_variant(int variant, Fn&& fn) {
   }
   if constexpr (ALL_VARIANTS) {
     switch (variant) {
-      case 2: fn(bitmask::PackConfig<4, 1, 4>{}); return true;
+      case 2: fn(bitmask::PackConfig<4, 4>{}); return true;
       case 3: fn(bitmask::RingConfig<8, 6, 2>{}); return true;
       case 4: fn(bitmask::RingConfig<12, 4, 2>{}); return true;
       case 5: fn(bitmask::RingConfig<6, 8, 2, 2>{}); return true;
@@ -423,8 +423,21 @@ struct KernelFlags {
   static constexpr bool RELU = RELU_, SQUARE = SQUARE_;
 };
 
+// The current device, as the pack's launch needs it: queried once per call.
+struct PackDevice {
+  int device = 0, sms = 0, major = 0;
+  bool ring() const { return major >= 9; }  // sm_90's bulk copies and transaction-counted mbarriers
+};
+
+Status pack_device(PackDevice* d) {
+  JSPARSE_CUDA(cudaGetDevice(&d->device));
+  JSPARSE_CUDA(cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, d->device));
+  JSPARSE_CUDA(cudaDeviceGetAttribute(&d->major, cudaDevAttrComputeCapabilityMajor, d->device));
+  return {};
+}
+
 template <typename T, typename CFG>
-Status launch_bitmask_pack(bool relu, const void* x, int64_t n_vectors, int64_t row_vectors,
+Status launch_bitmask_pack(const PackDevice& dev, bool relu, const void* x, int64_t n_vectors, int64_t row_vectors,
                            int64_t n_bands, int64_t capacity, void* bits, void* values, void* offsets, void* counts,
                            void* h, unsigned long long* state, cudaStream_t stream) {
   using Raw = typename Elem<T>::Raw;
@@ -436,19 +449,17 @@ Status launch_bitmask_pack(bool relu, const void* x, int64_t n_vectors, int64_t 
       auto kernel = bitmask::pack_ring_kernel<T, K::RELU, K::SQUARE, CFG>;
       // Above 48 KiB of dynamic shared memory a kernel must opt in, once per device (up to 64 devices remembered).
       static std::atomic<unsigned long long> opted_in{0};
-      int device = 0, sms = 0;
-      cudaError_t e = cudaGetDevice(&device);
-      if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-      const unsigned long long bit = 1ull << (device & 63);
-      if (e == cudaSuccess && !(opted_in.load() & bit)) {
-        e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, CFG::kDynamicSmem);
-        if (e == cudaSuccess) opted_in |= bit;
+      const unsigned long long bit = 1ull << (dev.device & 63);
+      if (!(opted_in.load() & bit)) {
+        const cudaError_t e =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, CFG::kDynamicSmem);
+        if (e != cudaSuccess) {
+          status = std::string("the ring pack's launch setup: ") + cudaGetErrorString(e);
+          return;
+        }
+        opted_in |= bit;
       }
-      if (e != cudaSuccess) {
-        status = std::string("the ring pack's launch setup: ") + cudaGetErrorString(e);
-        return;
-      }
-      kernel<<<dim3(unsigned(sms)), CFG::kThreads, CFG::kDynamicSmem, stream>>>(
+      kernel<<<dim3(unsigned(dev.sms)), CFG::kThreads, CFG::kDynamicSmem, stream>>>(
           static_cast<const uint4*>(x), int(n_vectors), int(row_vectors), int(n_bands), capacity,
           static_cast<uint32_t*>(bits), static_cast<Raw*>(values), static_cast<int32_t*>(offsets),
           static_cast<int32_t*>(counts), static_cast<uint4*>(h), state);
@@ -470,13 +481,6 @@ Status launch_bitmask_pack(bool relu, const void* x, int64_t n_vectors, int64_t 
   return {};
 }
 
-// Whether the current device runs the ring pack (sm_90's bulk copies and transaction-counted mbarriers).
-bool ring_supported() {
-  int device = 0, major = 0;
-  return cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
-}
-
 Status bitmask_pack(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer x,
                     ffi::Result<ffi::AnyBuffer> bits, ffi::Result<ffi::AnyBuffer> values,
                     ffi::Result<ffi::AnyBuffer> offsets, ffi::Result<ffi::AnyBuffer> counts, ffi::AnyBuffer* h,
@@ -489,7 +493,9 @@ Status bitmask_pack(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::An
       })) {
     return "unknown pack variant " + std::to_string(variant);
   }
-  if (ring && !ring_supported()) {
+  PackDevice dev;
+  JSPARSE_RETURN_IF_ERROR(pack_device(&dev));
+  if (ring && !dev.ring()) {
     if (variant != 0) return "pack variant " + std::to_string(variant) + " needs an sm_90 GPU";
     variant = kPackFallbackVariant;
   }
@@ -525,8 +531,8 @@ Status bitmask_pack(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::An
     using T = decltype(tag);
     Status status;
     const bool known = visit_pack_variant<std::is_same<T, __nv_bfloat16>::value>(variant, [&](auto cfg) {
-      status = launch_bitmask_pack<T, decltype(cfg)>(relu, x.untyped_data(), n_vectors, row_vectors,
-                                                     n_bands, capacity, bits->untyped_data(), values->untyped_data(),
+      status = launch_bitmask_pack<T, decltype(cfg)>(dev, relu, x.untyped_data(), n_vectors, row_vectors, n_bands,
+                                                     capacity, bits->untyped_data(), values->untyped_data(),
                                                      offsets->untyped_data(), counts->untyped_data(), hp, st, stream);
     });
     if (!known) return "pack variant " + std::to_string(variant) + " exists for bfloat16 only";

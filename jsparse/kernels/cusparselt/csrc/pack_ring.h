@@ -39,7 +39,7 @@ namespace bitmask {
 template <int ITEMS_, int STAGES_, int LAG_, int GROUPS_ = 1>
 struct RingConfig {
   static_assert(0 < LAG_ && LAG_ * GROUPS_ < STAGES_, "a band's values are written before its stage refills");
-  static constexpr int ITEMS = ITEMS_, STAGES = STAGES_, LAG = LAG_, GROUPS = GROUPS_, LOOK_BACK = 1, MIN_BLOCKS = 1;
+  static constexpr int ITEMS = ITEMS_, STAGES = STAGES_, LAG = LAG_, GROUPS = GROUPS_, MIN_BLOCKS = 1;
   static constexpr bool RING = true;
   static constexpr int kThreads = GROUPS * bitmask::kThreads + 64;  // + the producer and look-back warps
   static constexpr int kStageBytes = bitmask::kThreads * ITEMS * 16;
@@ -47,7 +47,7 @@ struct RingConfig {
 };
 
 // Bulk copies and transaction-counted mbarriers are sm_90's: built for an older GPU the kernel is empty and the host
-// launches pack_kernel instead (ring_supported).
+// launches pack_kernel instead (PackDevice::ring in jsparse_cusparselt.cu).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 #define JSPARSE_RING_ARCH 1
 #else
@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(CFG::kThreads, 1)
   __shared__ int s_band[S], s_total[S];
   __shared__ long long s_prefix[S];
   __shared__ int s_warp[G][3][kWarps];  // a group's band scans alternate between two; its cuts use the third
-  __shared__ long long s_written[G];
+  __shared__ long long s_written[G];  // each group's zero_tail
   unsigned long long* flags = state + 1;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   constexpr int kProducer = G * kWarps, kLookBack = G * kWarps + 1;
@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(CFG::kThreads, 1)
       const int total = s_total[s];
       long long prefix = 0;
       if (band > 0) {
-        prefix = look_back<CFG::LOOK_BACK>(flags, band, capacity);
+        prefix = look_back(flags, band, capacity);
         if (lane == 0) flag_store(flags + band, kInclusive | (unsigned long long)min(prefix + total, capacity));
       }
       if (lane == 0) {
@@ -204,14 +204,8 @@ __global__ void __launch_bounds__(CFG::kThreads, 1)
     uint32_t m[ITEMS];
     int base[ITEMS];
     const uint4* in = s_ring + s * BAND - p.first;
-#pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-      const int v = p.v0 + it * 32;
-      xv[it].v = v < n_vectors ? in[v] : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int it = 0; it < ITEMS; ++it) m[it] = nonzero_mask<T, RELU>(xv[it]);
-    const int total = band_scan<ITEMS, ComputeSync>(m, base, s_warp[g][k & 1]);  // every vector is read: s is free
+    const int total = load_band<T, RELU, CFG, ComputeSync>([in](int v) { return in[v]; }, p.v0, n_vectors, xv, m,
+                                                           base, s_warp[g][k & 1]);  // every vector is read: s is free
     if (tid() == 0) {
       publish_aggregate(flags, band, total, capacity, band_counts);
       s_total[s] = total;
@@ -225,14 +219,9 @@ __global__ void __launch_bounds__(CFG::kThreads, 1)
   for (int j = max(g, i - LAG); j < i; j += G) write(j);
 
   // values[total:capacity] = 0, a slice per group, once the last band's inclusive prefix is out.
-  if (tid() == 0) s_written[g] = min((long long)(flag_wait<1024>(flags + n_bands - 1, 2) & 0xffffffffull), capacity);
-  ComputeSync::sync();
-  const long long z = (long long)blockIdx.x * G + g, span = (capacity + gridDim.x * G - 1) / (gridDim.x * G);
-  const long long lo = max(z * span, s_written[g]), hi = min((z + 1) * span, capacity);
-  if (lo < hi) {
-    for_span<T>(lo, hi, [&](long long k) { values[k] = 0; },
-                [&](long long k) { reinterpret_cast<uint4*>(values)[k] = make_uint4(0, 0, 0, 0); });
-  }
+  const long long zeroers = (long long)gridDim.x * G;
+  zero_tail<T, ComputeSync>(values, flags, n_bands, capacity, (long long)blockIdx.x * G + g,
+                            (capacity + zeroers - 1) / zeroers, &s_written[g]);
 #endif  // JSPARSE_RING_ARCH
 }
 
