@@ -240,6 +240,40 @@ def test_fused_activation_path_is_the_reference_recipe(permute, stats):
     assert_close(stats_f[k], stats_p[k])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("permute", [True, False])
+def test_cusparselt_recipe_matches_the_oracle(permute):
+  # The fused path on cuSPARSELt (the forward's one-kernel activation and counts, the backward's recipe24_backward
+  # kernels and 2:4 GEMMs) in bfloat16 at cuSPARSELt-aligned sizes, against the float64 transcription fed with the
+  # device's own y1 and dy2 (dense GEMMs both paths share). Not against XLA on the GPU: with excess precision (XLA's
+  # GPU default) that path ranks dy1 before rounding it to bfloat16 and so breaks bfloat16 ties along T differently.
+  from tests.kernels.test_recipe24_backward import _oracle
+  from tests.kernels.test_sparse_matmul import _check, _mask_k
+
+  t, d, f = 256, 64, 512
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(21), 4)
+  x = jax.random.normal(k1, (t, d)).astype(jnp.bfloat16)
+  w1 = (jax.random.normal(k2, (d, f)) * d ** -0.5 + 0.4 * (jnp.arange(f) % 5 == 0)).astype(jnp.bfloat16)
+  w2 = (jax.random.normal(k3, (f, d)) * f ** -0.5).astype(jnp.bfloat16)
+  g = jax.random.normal(k4, (t, d)).astype(jnp.bfloat16)
+  perm = np.asarray(jax.random.permutation(jax.random.key(22), t)) if permute else np.arange(t)
+  spec = RecipeSpec(dense_fraction=0.25, dense_multiple=64, implementation="cusparselt", stats=False)
+  assert recipe._fused_activation(spec) and recipe._n_dense(spec, f) == 128
+  got = _vjp(spec, x, w1, w2, g, jnp.asarray(perm) if permute else None)
+
+  xp, gp = x[perm], g[perm]
+  y1 = np.asarray(jax.jit(jnp.matmul)(xp, w1), np.float32)
+  dy2 = jax.jit(lambda a, b: a @ b.T)(gp, w2)
+  dxp, dw1, dw2 = _oracle(jnp.asarray(y1, jnp.bfloat16), dy2, xp, gp, w1, 128)
+  r = np.where(_mask_k(np.maximum(y1, 0), 1), np.maximum(y1, 0), 0).astype(np.float32)
+  h = np.asarray(jnp.asarray(r * r).astype(jnp.bfloat16), np.float64)
+  out, dx = np.empty((t, d)), np.empty((t, d))
+  out[perm], dx[perm] = h @ np.asarray(w2, np.float64), dxp
+  for name, a, b in zip(("out", "dx", "dw1", "dw2"), got, (out, dx, dw1, dw2)):
+    assert a.dtype == jnp.bfloat16, name
+    _check(a, b, jnp.bfloat16)
+
+
 @pytest.mark.parametrize("storage", ["24", "bitmask"])
 def test_packed_residuals_give_the_same_gradients(storage):
   x, w1, w2, g = _inputs(seed=9)

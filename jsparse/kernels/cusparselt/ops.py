@@ -1,4 +1,5 @@
-"""The FFI calls: ``compress`` (dense 2:4 -> cuSPARSELt's compressed buffer) and ``matmul`` (sparse-A GEMM).
+"""The FFI calls: ``compress`` / ``compress_t`` (dense 2:4 -> cuSPARSELt's compressed buffer), ``matmul`` (sparse-A
+GEMM), and the activation recipe's backward operands (``relu24_counts``, ``recipe_backward``).
 
 Shapes are validated by the public ops (``jsparse.kernels.sparse_matmul.api``); these wrappers only assert.
 
@@ -61,6 +62,47 @@ def compress_t(x_KxM: jax.Array, slot_M: jax.Array, n_dense: int,
                                                       jax.ShapeDtypeStruct((max(n_dense, 1), K), x_KxM.dtype)),
                           vmap_method="sequential")
   return call(x_KxM, slot_M.astype(jnp.int32), method=np.int32(METHODS[method]))
+
+
+def relu24_counts(y_TxF: jax.Array) -> jax.Array:
+  """int32 ``(F,)``: per feature, the tokens whose relu(y) is positive and kept by the 2:4 selection of
+  :func:`jsparse.squared_relu_nm` (the activation recipe's density ranking). F a multiple of 64."""
+  library.load()  # registers the FFI targets
+  call = jax.ffi.ffi_call("jsparse_relu24_counts", jax.ShapeDtypeStruct((y_TxF.shape[1],), jnp.int32),
+                          vmap_method="sequential")
+  return call(y_TxF)
+
+
+def compress_counts(y_TxF: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(compress(y, "squared_relu"), relu24_counts(y))`` from one read of ``y`` (T and F multiples of 64)."""
+  lib = library.load()
+  T, F = y_TxF.shape
+  call = jax.ffi.ffi_call("jsparse_cslt_compress_counts",
+                          (jax.ShapeDtypeStruct((lib.compressed_size(T, F, y_TxF.dtype),), jnp.uint8),
+                           jax.ShapeDtypeStruct((F,), jnp.int32)), vmap_method="sequential")
+  return call(y_TxF)
+
+
+def recipe_backward(y1_TxF: jax.Array, dy2_TxF: jax.Array, slot_F: jax.Array, n_dense: int,
+                    method: str = "auto") -> tuple[jax.Array, ...]:
+  """The activation recipe's compressed backward operands in one pass over ``y1`` and ``dy2`` (``csrc/recipe24.h``).
+
+  Returns ``(dy1, h_t, dy1_t, dense_h, dense_dy1)``: cuSPARSELt's compressed buffers of ``dy1`` (T x F, 2:4 along F),
+  ``h.T`` and ``dy1.T`` (F x T, pruned 2:4 along T by magnitude), and the unpruned rows of ``h.T`` / ``dy1.T`` of the
+  features with ``slot_F[f] >= 0`` at row ``slot_F[f]`` of ``(max(n_dense, 1), T)`` arrays. ``method`` as
+  :func:`compress_t`'s (``"library"``: the kernel writes the pruned operands densely and the library compresses them).
+  """
+  lib = library.load()
+  T, F = y1_TxF.shape
+  dtype = y1_TxF.dtype
+  tf_bytes = lib.compressed_size(T, F, dtype)
+  ft_bytes = lib.compressed_size(F, T, dtype)
+  dense = jax.ShapeDtypeStruct((max(n_dense, 1), T), dtype)
+  call = jax.ffi.ffi_call("jsparse_recipe_bwd", (jax.ShapeDtypeStruct((tf_bytes,), jnp.uint8),
+                                                 jax.ShapeDtypeStruct((ft_bytes,), jnp.uint8),
+                                                 jax.ShapeDtypeStruct((ft_bytes,), jnp.uint8), dense, dense),
+                          vmap_method="sequential")
+  return call(y1_TxF, dy2_TxF, slot_F.astype(jnp.int32), method=np.int32(METHODS[method]))
 
 
 def matmul(packed: jax.Array, dense: jax.Array, *, m: int, k: int, mode: int, search: int = 0,

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jsparse.kernels import _common as common
+from jsparse.kernels.activation import reference as act_ref
 from jsparse.kernels.sparse_matmul import reference as ref
 from jsparse.kernels.sparse_matmul.compressed import Compressed24
 
@@ -175,7 +176,8 @@ def compress_24(x: jax.Array, *, operand: str = "a", transposable: bool = False,
   return Compressed24(x, packed, packed_t, tuple(x.shape), operand, "none", bool(transposable))
 
 
-def squared_relu_24_compress(y: jax.Array, *, implementation: str | None = None) -> Compressed24:
+def squared_relu_24_compress(y: jax.Array, *, return_counts: bool = False,
+                             implementation: str | None = None):
   """The FFN activation path in one pass: ``relu(y)**2``, 2:4 selection and compression of the result.
 
   The pattern and values are exactly :func:`jsparse.squared_relu_nm`'s (n=2, m=4): the two largest pre-activations of
@@ -184,21 +186,33 @@ def squared_relu_24_compress(y: jax.Array, *, implementation: str | None = None)
 
   Args:
     y: pre-activation ``(..., M, F)``, F a multiple of 4.
+    return_counts: also return, per feature, how many rows have a kept, positive ``relu(y)`` (int32 ``(F,)``; the
+      activation recipe's density ranking), counted by the same kernel on the cuSPARSELt path.
     implementation: ``None``, ``"cusparselt"`` or ``"xla"``.
 
   Returns:
-    :class:`Compressed24` with ``operand="a"`` and ``activation="squared_relu"``.
+    :class:`Compressed24` with ``operand="a"`` and ``activation="squared_relu"``; with ``return_counts``, the pair
+    ``(Compressed24, counts_F)``.
   """
   op = "squared_relu_24_compress"
   rows, k = _check_sparse_a(op, y)
   ok, why = _cusparselt_supports(op, y.dtype, (rows, k), DENSE_ALIGN)
   impl = resolve_implementation(op, implementation, supported=ok, why_not=why)
-  packed = None
+  packed = counts_F = None
   if impl == "cusparselt":
     from jsparse.kernels.cusparselt import ops
 
-    packed = ops.compress(jax.lax.stop_gradient(y).reshape(rows, k), activation="squared_relu")
-  return Compressed24(y, packed, None, tuple(y.shape), "a", "squared_relu", False)
+    y2 = jax.lax.stop_gradient(y).reshape(rows, k)
+    if return_counts:
+      packed, counts_F = ops.compress_counts(y2)
+    else:
+      packed = ops.compress(y2, activation="squared_relu")
+  elif return_counts:
+    _, mask = act_ref.squared_relu_nm(jax.lax.stop_gradient(y).reshape(rows, k), 2, 4)
+    positive = jnp.maximum(jax.lax.stop_gradient(y).reshape(rows, k).astype(jnp.float32), 0.0) > 0
+    counts_F = jnp.sum((mask & positive).astype(jnp.int32), axis=0)
+  out = Compressed24(y, packed, None, tuple(y.shape), "a", "squared_relu", False)
+  return (out, counts_F) if return_counts else out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -355,9 +369,19 @@ def sparse_tn_matmul(a, b, *, dense_rows=None, implementation: str | None = None
   if n_dense:
     slot_M = slot_M.at[dense_rows].set(jnp.arange(n_dense, dtype=jnp.int32), unique_indices=True)
   packed, dense_SxK = ops.compress_t(a, slot_M, n_dense)
-  out_MxN = ops.matmul(packed, b, m=M, k=K, mode=0, search=search_mode())
-  if n_dense:
-    out_MxN = out_MxN.at[dense_rows].set(ref.matmul(dense_SxK, b), unique_indices=True)
+  return tn_from_packed(packed, dense_SxK, b, dense_rows, m=M, search=search_mode())
+
+
+def tn_from_packed(packed: jax.Array, dense_SxK: jax.Array, b_KxN: jax.Array, dense_rows: jax.Array | None, *,
+                   m: int, search: int) -> jax.Array:
+  """:func:`sparse_tn_matmul`'s product from an already compressed ``a.T`` (``m x K``) and its unpruned
+  ``dense_rows`` (``dense_SxK``, row ``i`` for result row ``dense_rows[i]``): the sparse GEMM, the dense rows
+  recomputed by XLA and written over it."""
+  from jsparse.kernels.cusparselt import ops
+
+  out_MxN = ops.matmul(packed, b_KxN, m=m, k=b_KxN.shape[0], mode=0, search=search)
+  if dense_rows is not None:
+    out_MxN = out_MxN.at[dense_rows].set(ref.matmul(dense_SxK, b_KxN), unique_indices=True)
   return out_MxN
 
 

@@ -19,6 +19,7 @@
 #include "bitmask.h"
 #include "pack_ring.h"
 #include "plan_cache.h"
+#include "recipe24.h"
 #include "sparsify24.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -323,6 +324,185 @@ Status compress_t(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
 ffi::Error CompressTImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x, ffi::AnyBuffer slot,
                          ffi::Result<ffi::AnyBuffer> packed, ffi::Result<ffi::AnyBuffer> dense_rows, int32_t method) {
   return to_ffi(compress_t(stream, scratch, x, slot, packed, dense_rows, method), "compress_t");
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// The activation recipe's backward operands (recipe24.h)
+
+// Compressed buffers: values (rows * cols / 2 16-bit elements = rows * cols bytes), then the metadata.
+inline uint16_t* values_of(void* packed) { return static_cast<uint16_t*>(packed); }
+inline uint8_t* meta_of(void* packed, int64_t rows, int64_t cols) {
+  return packed ? static_cast<uint8_t*>(packed) + rows * cols : nullptr;
+}
+
+template <typename Fn>
+Status by_dtype16(int dtype, Fn&& fn) {
+  if (dtype == kBF16) return fn(__nv_bfloat16{});
+  if (dtype == kF16) return fn(__half{});
+  return "the input must be bfloat16 or float16";
+}
+
+// counts (zeroed by the caller) += relu24_count_kernel's counts of y (rows x cols, cols % 64 == 0).
+Status launch_relu24_counts(int dtype, const void* y, void* counts, int64_t rows, int64_t cols, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return {};
+  const dim3 grid(unsigned(cols / 64), unsigned((rows + 255) / 256));
+  return by_dtype16(dtype, [&](auto t) -> Status {
+    relu24_count_kernel<decltype(t)><<<grid, 256, 0, stream>>>(static_cast<const uint16_t*>(y),
+                                                               static_cast<int32_t*>(counts), rows, cols);
+    JSPARSE_CUDA(cudaGetLastError());
+    return {};
+  });
+}
+
+Status relu24_counts(cudaStream_t stream, ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer> counts) {
+  auto dims = y.dimensions();
+  if (dims.size() != 2) return "y must be 2-D (tokens, features)";
+  const int64_t rows = dims[0], cols = dims[1];
+  if (cols % 64) return "the feature axis must be a multiple of 64";
+  if (counts->element_type() != ffi::DataType::S32 || counts->element_count() != size_t(cols)) {
+    return "counts must be int32 with one entry per feature";
+  }
+  if (!aligned16(y.untyped_data())) return "y must be 16-byte aligned";
+  JSPARSE_CUDA(cudaMemsetAsync(counts->untyped_data(), 0, size_t(cols) * sizeof(int32_t), stream));
+  return launch_relu24_counts(dtype_code(y.element_type()), y.untyped_data(), counts->untyped_data(), rows, cols,
+                              stream);
+}
+
+ffi::Error Relu24CountsImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer> counts) {
+  return to_ffi(relu24_counts(stream, y, counts), "relu24_counts");
+}
+
+// compress(activation=squared_relu) and relu24_counts of the same input from one read of it (the recipe's forward).
+// Where the layout check failed, the two run as their separate kernels (the compress through its fallback).
+Status compress_counts(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer x,
+                       ffi::Result<ffi::AnyBuffer> packed, ffi::Result<ffi::AnyBuffer> counts) {
+  const int dtype = dtype_code(x.element_type());
+  auto dims = x.dimensions();
+  if (dims.size() != 2) return "x must be 2-D (tokens, features)";
+  const int64_t rows = dims[0], cols = dims[1];
+  if (dtype != kBF16 && dtype != kF16) return "x must be bfloat16 or float16";
+  if (rows % 64 || cols % 64) return "tokens and features must be multiples of 64";
+  if (counts->element_type() != ffi::DataType::S32 || counts->element_count() != size_t(cols)) {
+    return "counts must be int32 with one entry per feature";
+  }
+  if (packed->element_type() != ffi::DataType::U8) return "the compressed buffer must be uint8";
+  if (!aligned16(x.untyped_data()) || !aligned16(packed->untyped_data())) return "buffers must be 16-byte aligned";
+  std::shared_ptr<CompressEntry> entry;
+  int layout = -1;
+  JSPARSE_RETURN_IF_ERROR(
+      compress_entry(stream, scratch, rows, cols, dtype, packed->size_bytes(), true, &entry, &layout));
+  JSPARSE_CUDA(cudaMemsetAsync(counts->untyped_data(), 0, size_t(cols) * sizeof(int32_t), stream));
+  if (layout == 1 && jsparse_kernel_applies(*entry, dtype, rows, cols)) {
+    stats().compress_jsparse++;
+    const dim3 grid(unsigned(cols / 64), unsigned((rows + 255) / 256));
+    return by_dtype16(dtype, [&](auto t) -> Status {
+      relu24_compress_count_kernel<decltype(t)><<<grid, 256, 0, stream>>>(
+          static_cast<const uint16_t*>(x.untyped_data()), values_of(packed->untyped_data()),
+          meta_of(packed->untyped_data(), rows, cols), static_cast<int32_t*>(counts->untyped_data()), rows, cols);
+      JSPARSE_CUDA(cudaGetLastError());
+      return {};
+    });
+  }
+  stats().compress_library++;
+  TempBuffer pruned(scratch, size_t(rows) * size_t(cols) * 2, stream);
+  if (!pruned) return "could not allocate memory for the pruned copy";
+  JSPARSE_RETURN_IF_ERROR(
+      sparsify(kActSquaredRelu, true, dtype, x.untyped_data(), nullptr, pruned.get(), rows, cols, stream));
+  JSPARSE_RETURN_IF_ERROR(library_compress(*entry, pruned.get(), packed->untyped_data(), scratch, stream));
+  return launch_relu24_counts(dtype, x.untyped_data(), counts->untyped_data(), rows, cols, stream);
+}
+
+ffi::Error CompressCountsImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                              ffi::Result<ffi::AnyBuffer> packed, ffi::Result<ffi::AnyBuffer> counts) {
+  return to_ffi(compress_counts(stream, scratch, x, packed, counts), "compress_counts");
+}
+
+template <bool DENSE_OUT>
+Status launch_recipe_bwd(int dtype, const void* y1, const void* dy2, const int32_t* slot, void* dx, void* h, void* g,
+                         void* dense_h, void* dense_g, void* dx_dense, void* h_dense, void* g_dense, int64_t rows,
+                         int64_t cols, cudaStream_t stream) {
+  const dim3 grid(unsigned(cols / 64), unsigned(rows / 64));
+  return by_dtype16(dtype, [&](auto t) -> Status {
+    recipe_bwd24_kernel<decltype(t), DENSE_OUT><<<grid, 256, 0, stream>>>(
+        static_cast<const uint16_t*>(y1), static_cast<const uint16_t*>(dy2), slot, values_of(dx),
+        meta_of(dx, rows, cols), values_of(h), meta_of(h, rows, cols), values_of(g), meta_of(g, rows, cols),
+        static_cast<uint16_t*>(dense_h), static_cast<uint16_t*>(dense_g), static_cast<uint16_t*>(dx_dense),
+        static_cast<uint16_t*>(h_dense), static_cast<uint16_t*>(g_dense), rows, cols);
+    JSPARSE_CUDA(cudaGetLastError());
+    return {};
+  });
+}
+
+// dx (T x F compressed), h^T and dy1^T (F x T compressed) and the dense rows, from y1 and dy2 (T x F). The layouts are
+// checked against the library once per shape as in compress; where either did not match (or method == library) the
+// kernel writes the three pruned operands densely and the library compresses them.
+Status recipe_bwd(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer y1, ffi::AnyBuffer dy2,
+                  ffi::AnyBuffer slot, ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> h,
+                  ffi::Result<ffi::AnyBuffer> g, ffi::Result<ffi::AnyBuffer> dense_h,
+                  ffi::Result<ffi::AnyBuffer> dense_g, int32_t method) {
+  const int dtype = dtype_code(y1.element_type());
+  auto dims = y1.dimensions();
+  if (dims.size() != 2) return "y1 must be 2-D (tokens, features)";
+  const int64_t rows = dims[0], cols = dims[1];
+  if (dtype != kBF16 && dtype != kF16) return "y1 must be bfloat16 or float16";
+  if (dy2.element_type() != y1.element_type() || dy2.dimensions().size() != 2 || dy2.dimensions()[0] != rows ||
+      dy2.dimensions()[1] != cols) {
+    return "dy2 must have y1's shape and dtype";
+  }
+  if (rows % 64 || cols % 64) return "tokens and features must be multiples of 64";
+  if (slot.element_type() != ffi::DataType::S32 || slot.element_count() != size_t(cols)) {
+    return "slot must be int32 with one entry per feature";
+  }
+  for (auto* d : {&dense_h, &dense_g}) {
+    auto rd = (*d)->dimensions();
+    if ((*d)->element_type() != y1.element_type() || rd.size() != 2 || rd[1] != rows) {
+      return "the dense rows must be (n, tokens) in y1's dtype";
+    }
+  }
+  for (auto* p : {&dx, &h, &g}) {
+    if ((*p)->element_type() != ffi::DataType::U8) return "the compressed buffers must be uint8";
+    if (!aligned16((*p)->untyped_data())) return "buffers must be 16-byte aligned";
+  }
+  if (!aligned16(y1.untyped_data()) || !aligned16(dy2.untyped_data()) || !aligned16(dense_h->untyped_data()) ||
+      !aligned16(dense_g->untyped_data())) {
+    return "buffers must be 16-byte aligned";
+  }
+  if (h->size_bytes() != g->size_bytes()) return "h and g must have the same compressed size";
+  if (method != kAuto && method != kJsparse && method != kLibrary) return "unknown method";
+  std::shared_ptr<CompressEntry> entry_tf, entry_ft;
+  int layout_tf = -1, layout_ft = -1;
+  JSPARSE_RETURN_IF_ERROR(compress_entry(stream, scratch, rows, cols, dtype, dx->size_bytes(), method == kAuto,
+                                         &entry_tf, &layout_tf));
+  JSPARSE_RETURN_IF_ERROR(compress_entry(stream, scratch, cols, rows, dtype, h->size_bytes(), method == kAuto,
+                                         &entry_ft, &layout_ft));
+  if (method == kJsparse && !(jsparse_kernel_applies(*entry_tf, dtype, rows, cols) &&
+                              jsparse_kernel_applies(*entry_ft, dtype, cols, rows))) {
+    return "the jsparse compress kernel needs cuSPARSELt's compressed size to be rows*cols*9/8 bytes";
+  }
+  const int32_t* slot_p = static_cast<const int32_t*>(slot.untyped_data());
+  if (method == kJsparse || (method == kAuto && layout_tf == 1 && layout_ft == 1)) {
+    stats().compress_jsparse += 3;
+    return launch_recipe_bwd<false>(dtype, y1.untyped_data(), dy2.untyped_data(), slot_p, dx->untyped_data(),
+                                     h->untyped_data(), g->untyped_data(), dense_h->untyped_data(),
+                                     dense_g->untyped_data(), nullptr, nullptr, nullptr, rows, cols, stream);
+  }
+  stats().compress_library += 3;
+  const size_t bytes = size_t(rows) * size_t(cols) * 2;
+  TempBuffer dx_d(scratch, bytes, stream), h_d(scratch, bytes, stream), g_d(scratch, bytes, stream);
+  if (!dx_d || !h_d || !g_d) return "could not allocate memory for the pruned copies";
+  JSPARSE_RETURN_IF_ERROR(launch_recipe_bwd<true>(dtype, y1.untyped_data(), dy2.untyped_data(), slot_p, nullptr,
+                                                  nullptr, nullptr, dense_h->untyped_data(), dense_g->untyped_data(),
+                                                  dx_d.get(), h_d.get(), g_d.get(), rows, cols, stream));
+  JSPARSE_RETURN_IF_ERROR(library_compress(*entry_tf, dx_d.get(), dx->untyped_data(), scratch, stream));
+  JSPARSE_RETURN_IF_ERROR(library_compress(*entry_ft, h_d.get(), h->untyped_data(), scratch, stream));
+  return library_compress(*entry_ft, g_d.get(), g->untyped_data(), scratch, stream);
+}
+
+ffi::Error RecipeBwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer y1, ffi::AnyBuffer dy2,
+                         ffi::AnyBuffer slot, ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> h,
+                         ffi::Result<ffi::AnyBuffer> g, ffi::Result<ffi::AnyBuffer> dense_h,
+                         ffi::Result<ffi::AnyBuffer> dense_g, int32_t method) {
+  return to_ffi(recipe_bwd(stream, scratch, y1, dy2, slot, dx, h, g, dense_h, dense_g, method), "recipe_bwd");
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -724,6 +904,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseCsltMatmul, jsparse::MatmulImpl,
                                   .Attr<int64_t>("k")
                                   .Attr<int32_t>("mode")
                                   .Attr<int32_t>("search"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseCsltCompressCounts, jsparse::CompressCountsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseRelu24Counts, jsparse::Relu24CountsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseRecipeBwd, jsparse::RecipeBwdImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("method"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseBitmaskPack, jsparse::BitmaskPackImpl,
                               ffi::Ffi::Bind()

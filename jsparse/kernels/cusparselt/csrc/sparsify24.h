@@ -39,6 +39,23 @@ __device__ __forceinline__ uint16_t pick4(uint16_t v0, uint16_t v1, uint16_t v2,
   return i == 0 ? v0 : (i == 1 ? v1 : (i == 2 ? v2 : v3));
 }
 
+// relu(v) in float32 as the XLA reference computes it (jnp.maximum: NaN stays NaN), and its selection key (NaN as
+// +inf, so a NaN is always kept).
+__device__ __forceinline__ float relu_nan(float v) { return v != v ? v : fmaxf(v, 0.0f); }
+__device__ __forceinline__ float relu_key(float v) { return v != v ? __int_as_float(0x7f800000) : fmaxf(v, 0.0f); }
+
+// The two largest of four keys, as 4 bits (bit i: element i kept). j beats i when key[j] > key[i], or key[j] == key[i]
+// and j < i; an element is kept when fewer than two beat it.
+__device__ __forceinline__ uint32_t keep24(const float (&key)[4]) {
+  const int c01 = key[1] > key[0], c02 = key[2] > key[0], c03 = key[3] > key[0];
+  const int c12 = key[2] > key[1], c13 = key[3] > key[1], c23 = key[3] > key[2];
+  const int r0 = c01 + c02 + c03;
+  const int r1 = (1 - c01) + c12 + c13;
+  const int r2 = (1 - c02) + (1 - c12) + c23;
+  const int r3 = (1 - c03) + (1 - c13) + (1 - c23);
+  return (r0 < 2) | ((r1 < 2) << 1) | ((r2 < 2) << 2) | ((r3 < 2) << 3);
+}
+
 // Selects 2 of the 4 raw 16-bit values x0..x3; writes the kept (transformed) values in index order; returns the
 // metadata nibble idx0 | idx1 << 2.
 template <typename T, int ACT>
@@ -50,24 +67,16 @@ __device__ __forceinline__ uint32_t select_group(uint16_t x0, uint16_t x1, uint1
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float v = Elem<T>::to_float(raw[i]);
-    const bool nan = v != v;
     if (ACT == kActNone) {
-      key[i] = nan ? __int_as_float(0x7f800000) : fabsf(v);
+      key[i] = v != v ? __int_as_float(0x7f800000) : fabsf(v);
       val[i] = raw[i];
     } else {
-      const float r = nan ? v : fmaxf(v, 0.0f);
-      key[i] = nan ? __int_as_float(0x7f800000) : r;
+      const float r = relu_nan(v);
+      key[i] = relu_key(v);
       val[i] = Elem<T>::from_float(r * r);
     }
   }
-  // j beats i when key[j] > key[i], or key[j] == key[i] and j < i; rank = number of elements that beat it.
-  const int c01 = key[1] > key[0], c02 = key[2] > key[0], c03 = key[3] > key[0];
-  const int c12 = key[2] > key[1], c13 = key[3] > key[1], c23 = key[3] > key[2];
-  const int r0 = c01 + c02 + c03;
-  const int r1 = (1 - c01) + c12 + c13;
-  const int r2 = (1 - c02) + (1 - c12) + c23;
-  const int r3 = (1 - c03) + (1 - c13) + (1 - c23);
-  const uint32_t keep = (r0 < 2) | ((r1 < 2) << 1) | ((r2 < 2) << 2) | ((r3 < 2) << 3);
+  const uint32_t keep = keep24(key);
   const int i0 = __ffs(keep) - 1;
   const int i1 = 31 - __clz(keep);
   out0 = pick4(val[0], val[1], val[2], val[3], i0);
@@ -98,9 +107,9 @@ __device__ __forceinline__ uint4 pack8(const uint16_t (&x)[8]) {
 // columns c8 * 8 .. c8 * 8 + 7 (raw inputs a = row r0, b = row r0 + 8). Needs the whole warp (the metadata shuffle)
 // with lane ^ 2 holding the same rows and column chunk c8 ^ 2.
 // DENSE_OUT: write the pruned (and activated) dense matrix instead of the compressed one (the library-compress
-// fallback's first step).
+// fallback's first step). Returns the four metadata nibbles (row a's two groups, then row b's: bits 0, 4, 8, 12).
 template <typename T, int ACT, bool DENSE_OUT>
-__device__ __forceinline__ void emit_pair(const uint16_t (&a)[8], const uint16_t (&b)[8], int64_t r0, int rr, int64_t c8,
+__device__ __forceinline__ uint32_t emit_pair(const uint16_t (&a)[8], const uint16_t (&b)[8], int64_t r0, int rr, int64_t c8,
                                           int64_t cols, uint16_t* __restrict__ values, uint8_t* __restrict__ meta,
                                           uint16_t* __restrict__ dense_out) {
   const int64_t r1 = r0 + 8;
@@ -121,7 +130,7 @@ __device__ __forceinline__ void emit_pair(const uint16_t (&a)[8], const uint16_t
     }
     *reinterpret_cast<uint4*>(dense_out + r0 * cols + c8 * 8) = pack8(da);
     *reinterpret_cast<uint4*>(dense_out + r1 * cols + c8 * 8) = pack8(db);
-    return;
+    return na0 | (na1 << 4) | (nb0 << 8) | (nb1 << 12);
   }
 
   const int64_t half_cols = cols >> 1;
@@ -146,6 +155,7 @@ __device__ __forceinline__ void emit_pair(const uint16_t (&a)[8], const uint16_t
     const int64_t offset = (r0 >> 6) * 8 * cols + (c8 >> 2) * 256 + ((r0 & 63) >> 4) * 64 + rr * 8 + q * 4;
     __stcs(reinterpret_cast<unsigned int*>(meta + offset), word);
   }
+  return na0 | (na1 << 4) | (nb0 << 8) | (nb1 << 12);
 }
 
 // Requires rows % 16 == 0 and cols % 32 == 0 (the handler enforces rows % 64 and cols % 64), so every warp is full.
