@@ -38,6 +38,22 @@ __device__ __forceinline__ void masked_relu4(const uint16_t* y, float (&r)[4]) {
   for (int i = 0; i < 4; ++i) r[i] = (keep >> i) & 1u ? relu_nan(v[i]) : 0.0f;
 }
 
+// A 256-thread block's counts of 64 features to global memory: thread (slot, c8l) holds cnt[k] for feature 8 c8l + k
+// (32 slots); they meet in shared memory and leave as one atomic per feature (none for a zero sum).
+__device__ __forceinline__ void flush_counts(const int (&cnt)[8], int slot, int c8l, int32_t* counts64) {
+  __shared__ int32_t part[32][65];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) part[slot][c8l * 8 + k] = cnt[k];
+  __syncthreads();
+  const int l = int(threadIdx.x);
+  if (l < 64) {
+    int s = 0;
+#pragma unroll 8
+    for (int j = 0; j < 32; ++j) s += part[j][l];
+    if (s) atomicAdd(counts64 + l, s);
+  }
+}
+
 // counts[f] += #{t : r[t, f] > 0} (NaN is not > 0). Grid (F / 64, ceil(T / kRows)), 256 threads; counts zeroed by
 // the caller. Thread l reads 8 features (l & 7) of every 32nd token from row l >> 3 on; the block's 32 partial counts
 // per feature meet in shared memory and leave as one atomic per feature.
@@ -45,7 +61,6 @@ template <typename T>
 __global__ void __launch_bounds__(256) relu24_count_kernel(const uint16_t* __restrict__ y, int32_t* __restrict__ counts,
                                                            int64_t rows, int64_t cols) {
   constexpr int kRows = 256;
-  __shared__ int32_t part[32][65];
   const int l = int(threadIdx.x);
   const int c8l = l & 7, rl = l >> 3;
   const int64_t C0 = int64_t(blockIdx.x) * 64;
@@ -66,15 +81,7 @@ __global__ void __launch_bounds__(256) relu24_count_kernel(const uint16_t* __res
       }
     }
   }
-#pragma unroll
-  for (int k = 0; k < 8; ++k) part[rl][c8l * 8 + k] = cnt[k];
-  __syncthreads();
-  if (l < 64) {
-    int s = 0;
-#pragma unroll 8
-    for (int j = 0; j < 32; ++j) s += part[j][l];
-    if (s) atomicAdd(counts + C0 + l, s);
-  }
+  flush_counts(cnt, rl, c8l, counts + C0);
 }
 
 // The kept positions (bit k: element k of 8) of two groups from their metadata nibbles (bits 0-3 and 4-7 of nib).
@@ -94,7 +101,6 @@ __global__ void __launch_bounds__(256) relu24_compress_count_kernel(const uint16
                                                                     uint8_t* __restrict__ meta,
                                                                     int32_t* __restrict__ counts, int64_t rows,
                                                                     int64_t cols) {
-  __shared__ int32_t part[32][65];
   const int l = int(threadIdx.x);
   const int c8l = l & 7;
   const int pair = l >> 3;
@@ -130,15 +136,7 @@ __global__ void __launch_bounds__(256) relu24_compress_count_kernel(const uint16
                 int(((kb >> k) & 1u) && Elem<T>::to_float(b[k]) > 0.0f);
     }
   }
-#pragma unroll
-  for (int k = 0; k < 8; ++k) part[pair][c8l * 8 + k] = cnt[k];
-  __syncthreads();
-  if (l < 64) {
-    int s = 0;
-#pragma unroll 8
-    for (int j = 0; j < 32; ++j) s += part[j][l];
-    if (s) atomicAdd(counts + C0 + l, s);
-  }
+  flush_counts(cnt, pair, c8l, counts + C0);
 }
 
 // The three compressed operands (and the dense rows) from y1 and dy2, T x F row-major. One block per 64 x 64 tile
@@ -208,16 +206,7 @@ __global__ void __launch_bounds__(256) recipe_bwd24_kernel(
   for (int which = 0; which < 2; ++which) {
     const uint16_t* tile = which == 0 ? ht : gt;
     uint16_t a[8], b[8];
-    const uint32_t* pa = reinterpret_cast<const uint32_t*>(tile + r0l * kStride + c8l * 8);
-    const uint32_t* pb = reinterpret_cast<const uint32_t*>(tile + (r0l + 8) * kStride + c8l * 8);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t wa = pa[i], wb = pb[i];
-      a[2 * i] = uint16_t(wa & 0xffffu);
-      a[2 * i + 1] = uint16_t(wa >> 16);
-      b[2 * i] = uint16_t(wb & 0xffffu);
-      b[2 * i + 1] = uint16_t(wb >> 16);
-    }
+    load_tile_pair<kStride>(tile, r0l, c8l, a, b);
     uint16_t* dense = which == 0 ? dense_h : dense_g;
     if (s0 >= 0) *reinterpret_cast<uint4*>(dense + int64_t(s0) * rows + c8 * 8) = pack8(a);
     if (s1 >= 0) *reinterpret_cast<uint4*>(dense + int64_t(s1) * rows + c8 * 8) = pack8(b);

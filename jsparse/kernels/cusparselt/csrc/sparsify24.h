@@ -181,6 +181,23 @@ __global__ void __launch_bounds__(256) sparsify24_kernel(const uint16_t* __restr
   emit_pair<T, ACT, DENSE_OUT>(a, b, r0, rr, c8, cols, values, meta, dense_out);
 }
 
+// Rows r0l and r0l + 8, columns 8 c8l .. + 7 of a shared-memory tile with a row stride of STRIDE elements (even), as
+// eight 4-byte reads (conflict-free for STRIDE = 66 with emit_pair's thread mapping).
+template <int STRIDE>
+__device__ __forceinline__ void load_tile_pair(const uint16_t* tile, int r0l, int c8l, uint16_t (&a)[8],
+                                               uint16_t (&b)[8]) {
+  const uint32_t* pa = reinterpret_cast<const uint32_t*>(tile + r0l * STRIDE + c8l * 8);
+  const uint32_t* pb = reinterpret_cast<const uint32_t*>(tile + (r0l + 8) * STRIDE + c8l * 8);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t wa = pa[i], wb = pb[i];
+    a[2 * i] = uint16_t(wa & 0xffffu);
+    a[2 * i + 1] = uint16_t(wa >> 16);
+    b[2 * i] = uint16_t(wb & 0xffffu);
+    b[2 * i + 1] = uint16_t(wb >> 16);
+  }
+}
+
 // The same output for the sparse-A matrix A = x^T (rows x cols) read from x (cols x rows, row-major): the 2:4 groups
 // run along x's *first* axis (e.g. tokens of a T x F activation, for a weight gradient x^T g), with no transposed
 // copy in memory. One block per 64 x 64 tile of A: coalesced 16-byte loads of x's tile into shared memory, transposed
@@ -218,16 +235,7 @@ __global__ void __launch_bounds__(256) sparsify24_t_kernel(const uint16_t* __res
   const int rr = pair & 7;
   const int r0l = (pair >> 3) * 16 + rr;
   uint16_t a[8], b[8];
-  const uint32_t* pa = reinterpret_cast<const uint32_t*>(tile + r0l * kStride + c8l * 8);
-  const uint32_t* pb = reinterpret_cast<const uint32_t*>(tile + (r0l + 8) * kStride + c8l * 8);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t wa = pa[i], wb = pb[i];
-    a[2 * i] = uint16_t(wa & 0xffffu);
-    a[2 * i + 1] = uint16_t(wa >> 16);
-    b[2 * i] = uint16_t(wb & 0xffffu);
-    b[2 * i + 1] = uint16_t(wb >> 16);
-  }
+  load_tile_pair<kStride>(tile, r0l, c8l, a, b);
   const int64_t r0 = R0 + r0l;
   const int64_t c8 = (C0 >> 3) + c8l;
   const int s0 = slot[r0], s1 = slot[r0 + 8];
