@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 import jsparse
-from jsparse.kernels.sparse_matmul import recipe_bwd
+from jsparse.kernels.activation import reference as act_ref
 from jsparse.models import _ops
 from jsparse.models.config import FFNConfig
 
@@ -215,8 +215,8 @@ def _fused_activation(spec: RecipeSpec) -> bool:
 
 # The fused path's mask and residual, recomputed from y1 in the backward (the kernels layer owns them: its
 # recipe24_backward computes the same on the cuSPARSELt path).
-_mask24_by_relu = recipe_bwd.mask24_by_relu
-_masked_relu_from_y1 = recipe_bwd.masked_relu
+_mask24_by_relu = act_ref.mask24_by_relu
+_masked_relu_from_y1 = act_ref.masked_relu
 
 
 def _stats(spec: RecipeSpec, y1_TxF, mask_TxF, n_dense: int) -> dict[str, jax.Array]:
@@ -331,9 +331,8 @@ def _recipe_bwd(spec: RecipeSpec, residuals, cotangents):
         counts_F=density_F, implementation=spec.gemm_impl)  # density_F: the forward's counts on this path
     dx_TxD = dxp_TxD if perm_T is None else unpermute_tokens(dxp_TxD, perm_T)
     return (dx_TxD.astype(xp_TxD.dtype), dw1_DxF.astype(w1_DxF.dtype), dw2_FxD.astype(w2_FxD.dtype), None)
-  if _fused_activation(spec):
+  if _fused_activation(spec):  # here n_dense == F: every weight gradient is dense, so no density ranking
     r32_TxF, _ = _masked_relu_from_y1(jsparse.load_activation(stored))
-    density_F = jnp.mean((r32_TxF > 0).astype(jnp.float32), axis=0)
   else:
     r32_TxF = jsparse.load_activation(stored, implementation=spec.op_impl).astype(
         jnp.promote_types(dtype, jnp.float32))

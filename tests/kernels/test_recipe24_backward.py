@@ -92,8 +92,8 @@ def test_bad_shapes_and_dtypes_raise_value_error():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", ["auto", "library"])  # library: the layout-mismatch fallback, forced
 def test_fused_operands_are_bit_identical_to_the_unfused_kernels(dtype, method):
+  from jsparse.kernels.activation.reference import masked_relu
   from jsparse.kernels.cusparselt import ops
-  from jsparse.kernels.sparse_matmul import recipe_bwd
 
   T, F = 320, 192  # 5 x 3 tiles of 64
   y1, dy2 = _x((T, F), dtype, 1), _x((T, F), dtype, 2)
@@ -105,7 +105,7 @@ def test_fused_operands_are_bit_identical_to_the_unfused_kernels(dtype, method):
   slot = jnp.full((F,), -1, jnp.int32).at[rows].set(jnp.arange(3, dtype=jnp.int32))
 
   def unfused(y1, dy2):
-    r, _ = recipe_bwd.masked_relu(y1)
+    r, _ = masked_relu(y1)
     h, dy1 = (r * r).astype(dtype), (2.0 * dy2.astype(jnp.float32) * r).astype(dtype)
     return ops.compress(dy1), *ops.compress_t(h, slot, 3), *ops.compress_t(dy1, slot, 3), h, dy1
 
@@ -132,12 +132,12 @@ def test_fused_operands_are_bit_identical_to_the_unfused_kernels(dtype, method):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_relu24_counts_count_kept_positive_relu(dtype):
+  from jsparse.kernels.activation.reference import masked_relu
   from jsparse.kernels.cusparselt import ops
-  from jsparse.kernels.sparse_matmul import recipe_bwd
 
   y1 = _x((300, 192), dtype, 6).at[7, 9].set(jnp.nan)  # 300: a partial block of 256 tokens; NaN is not > 0
   got = jax.jit(ops.relu24_counts)(y1)
-  r, _ = recipe_bwd.masked_relu(y1)
+  r, _ = masked_relu(y1)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.sum(r > 0, axis=0)))
 
 

@@ -30,6 +30,34 @@ def squared_relu_nm(x: jax.Array, n: int, m: int) -> tuple[jax.Array, jax.Array]
   return h, mask
 
 
+def mask24_by_relu(y1_TxF: jax.Array) -> jax.Array:
+  """The 2:4 mask of :func:`jsparse.squared_relu_nm` (the two largest relu(y1) of each 4 along the last axis, NaN as
+  +inf, ties to the lower index) as six comparisons per group -- element-wise, so XLA fuses it into its consumers. (The
+  reference's rank-by-reduction form became a 7.5 ms reduction kernel of its own at the 1b shape on the H100.)"""
+  *lead, F = y1_TxF.shape
+  key = selection_key(y1_TxF).reshape(*lead, F // 4, 4)
+  k0, k1, k2, k3 = (key[..., i] for i in range(4))
+  c01, c02, c03 = (k1 > k0).astype(jnp.int32), (k2 > k0).astype(jnp.int32), (k3 > k0).astype(jnp.int32)
+  c12, c13, c23 = (k2 > k1).astype(jnp.int32), (k3 > k1).astype(jnp.int32), (k3 > k2).astype(jnp.int32)
+  # rank = how many of the other three beat it (j beats i: key_j > key_i, or equal with j < i)
+  ranks = (c01 + c02 + c03, 1 - c01 + c12 + c13, 2 - c02 - c12 + c23, 3 - c03 - c13 - c23)
+  return jnp.stack([r < 2 for r in ranks], axis=-1).reshape(y1_TxF.shape)
+
+
+def masked_relu(y1_TxF: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(r, mask): ``relu(y1)`` with the 2:4 mask applied, in float32 (or wider, for a float64 ``y1``)."""
+  mask_TxF = mask24_by_relu(y1_TxF)
+  r_TxF = jnp.maximum(y1_TxF.astype(jnp.promote_types(y1_TxF.dtype, jnp.float32)), 0.0)
+  return jnp.where(mask_TxF, r_TxF, 0.0), mask_TxF
+
+
+def kept_positive_counts(y_TxF: jax.Array) -> jax.Array:
+  """int32 ``(F,)``: per feature (last axis), the rows whose relu(y) is positive and kept by the 2:4 selection -- the
+  activation recipe's density ranking, as ``jsparse.kernels.cusparselt.ops.relu24_counts`` counts it."""
+  r_TxF, _ = masked_relu(y_TxF)
+  return jnp.sum((r_TxF > 0).astype(jnp.int32), axis=0)
+
+
 def squared_relu_nm_grad(x: jax.Array, mask: jax.Array | None, g: jax.Array) -> jax.Array:
   """dx for h = relu(x)^2 [* mask]: 2 relu(x) g, masked when ``mask`` is given."""
   d = 2.0 * jnp.maximum(x.astype(jnp.float32), 0.0) * g.astype(jnp.float32)

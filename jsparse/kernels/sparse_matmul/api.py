@@ -208,9 +208,7 @@ def squared_relu_24_compress(y: jax.Array, *, return_counts: bool = False,
     else:
       packed = ops.compress(y2, activation="squared_relu")
   elif return_counts:
-    _, mask = act_ref.squared_relu_nm(jax.lax.stop_gradient(y).reshape(rows, k), 2, 4)
-    positive = jnp.maximum(jax.lax.stop_gradient(y).reshape(rows, k).astype(jnp.float32), 0.0) > 0
-    counts_F = jnp.sum((mask & positive).astype(jnp.int32), axis=0)
+    counts_F = act_ref.kept_positive_counts(jax.lax.stop_gradient(y).reshape(rows, k))
   out = Compressed24(y, packed, None, tuple(y.shape), "a", "squared_relu", False)
   return (out, counts_F) if return_counts else out
 

@@ -21,29 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from jsparse.kernels import _common as common
-from jsparse.kernels.activation.reference import selection_key
+from jsparse.kernels.activation.reference import kept_positive_counts, masked_relu
 from jsparse.kernels.sparse_matmul import api
-
-
-def mask24_by_relu(y1_TxF: jax.Array) -> jax.Array:
-  """The 2:4 mask of :func:`jsparse.squared_relu_nm` (the two largest relu(y1) of each 4 along the last axis, NaN as
-  +inf, ties to the lower index) as six comparisons per group -- element-wise, so XLA fuses it into its consumers. (The
-  reference's rank-by-reduction form became a 7.5 ms reduction kernel of its own at the 1b shape on the H100.)"""
-  *lead, F = y1_TxF.shape
-  key = selection_key(y1_TxF).reshape(*lead, F // 4, 4)
-  k0, k1, k2, k3 = (key[..., i] for i in range(4))
-  c01, c02, c03 = (k1 > k0).astype(jnp.int32), (k2 > k0).astype(jnp.int32), (k3 > k0).astype(jnp.int32)
-  c12, c13, c23 = (k2 > k1).astype(jnp.int32), (k3 > k1).astype(jnp.int32), (k3 > k2).astype(jnp.int32)
-  # rank = how many of the other three beat it (j beats i: key_j > key_i, or equal with j < i)
-  ranks = (c01 + c02 + c03, 1 - c01 + c12 + c13, 2 - c02 - c12 + c23, 3 - c03 - c13 - c23)
-  return jnp.stack([r < 2 for r in ranks], axis=-1).reshape(y1_TxF.shape)
-
-
-def masked_relu(y1_TxF: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(r, mask): ``relu(y1)`` with the 2:4 mask applied, in float32 (or wider, for a float64 ``y1``)."""
-  mask_TxF = mask24_by_relu(y1_TxF)
-  r_TxF = jnp.maximum(y1_TxF.astype(jnp.promote_types(y1_TxF.dtype, jnp.float32)), 0.0)
-  return jnp.where(mask_TxF, r_TxF, 0.0), mask_TxF
 
 
 def dense_features(counts_F: jax.Array, n_dense: int) -> jax.Array:
@@ -134,7 +113,7 @@ def _xla(y1_TxF, dy2_TxF, x_TxD, dout_TxD, w1_DxF, n_dense, counts_F):
   h_TxF = (r_TxF * r_TxF).astype(dtype)
   dy1_TxF = (2.0 * dy2_TxF.astype(r_TxF.dtype) * r_TxF).astype(dtype)
   if counts_F is None:
-    counts_F = jnp.sum((r_TxF > 0).astype(jnp.int32), axis=0)
+    counts_F = kept_positive_counts(y1_TxF)
   dense_idx = dense_features(counts_F, n_dense)
   dx_TxD = api.sparse_matmul(dy1_TxF, w1_DxF.T, sparse_operand="a", implementation="xla")
   dw2_FxD = api.sparse_tn_matmul(h_TxF, dout_TxD, dense_rows=dense_idx, implementation="xla")

@@ -86,23 +86,32 @@ class TempBuffer {
 // ---------------------------------------------------------------------------------------------------------------------
 // Compress
 
+// Compressed buffers: values (rows * cols / 2 16-bit elements = rows * cols bytes), then the metadata.
+inline uint16_t* values_of(void* packed) { return static_cast<uint16_t*>(packed); }
+inline uint8_t* meta_of(void* packed, int64_t rows, int64_t cols) {
+  return packed ? static_cast<uint8_t*>(packed) + rows * cols : nullptr;
+}
+
+template <typename Fn>
+Status by_dtype16(int dtype, Fn&& fn) {
+  if (dtype == kBF16) return fn(__nv_bfloat16{});
+  if (dtype == kF16) return fn(__half{});
+  return "the input must be bfloat16 or float16";
+}
+
 template <int ACT, bool DENSE_OUT>
 Status launch_sparsify(int dtype, const void* x, void* packed, void* dense_out, int64_t rows, int64_t cols,
                        cudaStream_t stream) {
   const int64_t threads = (rows / 2) * (cols / 8);
   const int block = 256;
   const int64_t grid = (threads + block - 1) / block;
-  uint16_t* values = static_cast<uint16_t*>(packed);
-  uint8_t* meta = packed ? static_cast<uint8_t*>(packed) + rows * cols : nullptr;  // rows*cols/2 values x 2 bytes
-  if (dtype == kBF16) {
-    sparsify24_kernel<__nv_bfloat16, ACT, DENSE_OUT><<<grid, block, 0, stream>>>(
-        static_cast<const uint16_t*>(x), values, meta, static_cast<uint16_t*>(dense_out), rows, cols);
-  } else {
-    sparsify24_kernel<__half, ACT, DENSE_OUT><<<grid, block, 0, stream>>>(
-        static_cast<const uint16_t*>(x), values, meta, static_cast<uint16_t*>(dense_out), rows, cols);
-  }
-  JSPARSE_CUDA(cudaGetLastError());
-  return {};
+  return by_dtype16(dtype, [&](auto t) -> Status {
+    sparsify24_kernel<decltype(t), ACT, DENSE_OUT><<<grid, block, 0, stream>>>(
+        static_cast<const uint16_t*>(x), values_of(packed), meta_of(packed, rows, cols),
+        static_cast<uint16_t*>(dense_out), rows, cols);
+    JSPARSE_CUDA(cudaGetLastError());
+    return {};
+  });
 }
 
 Status sparsify(int activation, bool dense_out, int dtype, const void* x, void* packed, void* dense, int64_t rows,
@@ -262,19 +271,13 @@ template <bool DENSE_OUT>
 Status launch_sparsify_t(int dtype, const void* x, void* packed, void* dense_out, const int32_t* slot,
                          void* dense_rows, int64_t rows, int64_t cols, cudaStream_t stream) {
   const dim3 grid(unsigned(cols / 64), unsigned(rows / 64));
-  uint16_t* values = static_cast<uint16_t*>(packed);
-  uint8_t* meta = packed ? static_cast<uint8_t*>(packed) + rows * cols : nullptr;
-  if (dtype == kBF16) {
-    sparsify24_t_kernel<__nv_bfloat16, DENSE_OUT><<<grid, 256, 0, stream>>>(
-        static_cast<const uint16_t*>(x), values, meta, static_cast<uint16_t*>(dense_out), slot,
-        static_cast<uint16_t*>(dense_rows), rows, cols);
-  } else {
-    sparsify24_t_kernel<__half, DENSE_OUT><<<grid, 256, 0, stream>>>(
-        static_cast<const uint16_t*>(x), values, meta, static_cast<uint16_t*>(dense_out), slot,
-        static_cast<uint16_t*>(dense_rows), rows, cols);
-  }
-  JSPARSE_CUDA(cudaGetLastError());
-  return {};
+  return by_dtype16(dtype, [&](auto t) -> Status {
+    sparsify24_t_kernel<decltype(t), DENSE_OUT><<<grid, 256, 0, stream>>>(
+        static_cast<const uint16_t*>(x), values_of(packed), meta_of(packed, rows, cols),
+        static_cast<uint16_t*>(dense_out), slot, static_cast<uint16_t*>(dense_rows), rows, cols);
+    JSPARSE_CUDA(cudaGetLastError());
+    return {};
+  });
 }
 
 Status compress_t(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer x, ffi::AnyBuffer slot,
@@ -328,19 +331,6 @@ ffi::Error CompressTImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
 
 // ---------------------------------------------------------------------------------------------------------------------
 // The activation recipe's backward operands (recipe24.h)
-
-// Compressed buffers: values (rows * cols / 2 16-bit elements = rows * cols bytes), then the metadata.
-inline uint16_t* values_of(void* packed) { return static_cast<uint16_t*>(packed); }
-inline uint8_t* meta_of(void* packed, int64_t rows, int64_t cols) {
-  return packed ? static_cast<uint8_t*>(packed) + rows * cols : nullptr;
-}
-
-template <typename Fn>
-Status by_dtype16(int dtype, Fn&& fn) {
-  if (dtype == kBF16) return fn(__nv_bfloat16{});
-  if (dtype == kF16) return fn(__half{});
-  return "the input must be bfloat16 or float16";
-}
 
 // counts (zeroed by the caller) += relu24_count_kernel's counts of y (rows x cols, cols % 64 == 0).
 Status launch_relu24_counts(int dtype, const void* y, void* counts, int64_t rows, int64_t cols, cudaStream_t stream) {
@@ -403,12 +393,7 @@ Status compress_counts(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi:
       return {};
     });
   }
-  stats().compress_library++;
-  TempBuffer pruned(scratch, size_t(rows) * size_t(cols) * 2, stream);
-  if (!pruned) return "could not allocate memory for the pruned copy";
-  JSPARSE_RETURN_IF_ERROR(
-      sparsify(kActSquaredRelu, true, dtype, x.untyped_data(), nullptr, pruned.get(), rows, cols, stream));
-  JSPARSE_RETURN_IF_ERROR(library_compress(*entry, pruned.get(), packed->untyped_data(), scratch, stream));
+  JSPARSE_RETURN_IF_ERROR(compress(stream, scratch, x, packed, kActSquaredRelu, kAuto));  // its own fallback
   return launch_relu24_counts(dtype, x.untyped_data(), counts->untyped_data(), rows, cols, stream);
 }
 

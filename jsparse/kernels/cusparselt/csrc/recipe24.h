@@ -102,10 +102,7 @@ __global__ void __launch_bounds__(256) relu24_compress_count_kernel(const uint16
                                                                     int32_t* __restrict__ counts, int64_t rows,
                                                                     int64_t cols) {
   const int l = int(threadIdx.x);
-  const int c8l = l & 7;
-  const int pair = l >> 3;
-  const int rr = pair & 7;
-  const int r0l = (pair >> 3) * 16 + rr;
+  const auto [c8l, pair, rr, r0l] = tile_lane(l);
   const int64_t C0 = int64_t(blockIdx.x) * 64;
   const int64_t c8 = (C0 >> 3) + c8l;
   int cnt[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -157,10 +154,7 @@ __global__ void __launch_bounds__(256) recipe_bwd24_kernel(
   __shared__ __align__(16) uint16_t ht[64 * kStride];  // ht[f * kStride + t] = h[T0 + t][F0 + f]
   __shared__ __align__(16) uint16_t gt[64 * kStride];  // the same for dy1
   const int l = int(threadIdx.x);
-  const int c8l = l & 7;
-  const int pair = l >> 3;
-  const int rr = pair & 7;
-  const int r0l = (pair >> 3) * 16 + rr;
+  const auto [c8l, pair, rr, r0l] = tile_lane(l);
   const int64_t F0 = int64_t(blockIdx.x) * 64;
   const int64_t T0 = int64_t(blockIdx.y) * 64;
 
@@ -210,11 +204,8 @@ __global__ void __launch_bounds__(256) recipe_bwd24_kernel(
     uint16_t* dense = which == 0 ? dense_h : dense_g;
     if (s0 >= 0) *reinterpret_cast<uint4*>(dense + int64_t(s0) * rows + c8 * 8) = pack8(a);
     if (s1 >= 0) *reinterpret_cast<uint4*>(dense + int64_t(s1) * rows + c8 * 8) = pack8(b);
-    if (which == 0) {
-      emit_pair<T, kActNone, DENSE_OUT>(a, b, f0, rr, c8, rows, h_values, h_meta, h_dense);
-    } else {
-      emit_pair<T, kActNone, DENSE_OUT>(a, b, f0, rr, c8, rows, g_values, g_meta, g_dense);
-    }
+    emit_pair<T, kActNone, DENSE_OUT>(a, b, f0, rr, c8, rows, which == 0 ? h_values : g_values,
+                                      which == 0 ? h_meta : g_meta, which == 0 ? h_dense : g_dense);
   }
 }
 

@@ -181,6 +181,17 @@ __global__ void __launch_bounds__(256) sparsify24_kernel(const uint16_t* __restr
   emit_pair<T, ACT, DENSE_OUT>(a, b, r0, rr, c8, cols, values, meta, dense_out);
 }
 
+// emit_pair's thread mapping on a 64 x 64 tile with 256 threads: thread l takes the 8-column chunk c8l = l & 7 of
+// rows r0l and r0l + 8, r0l = 16 (pair / 8) + rr with pair = l / 8 and rr = pair % 8 -- so lane ^ 2 holds chunk
+// c8l ^ 2 of the same rows, as emit_pair's metadata shuffle needs.
+struct TileLane {
+  int c8l, pair, rr, r0l;
+};
+__device__ __forceinline__ TileLane tile_lane(int l) {
+  const int pair = l >> 3, rr = pair & 7;
+  return {l & 7, pair, rr, (pair >> 3) * 16 + rr};
+}
+
 // Rows r0l and r0l + 8, columns 8 c8l .. + 7 of a shared-memory tile with a row stride of STRIDE elements (even), as
 // eight 4-byte reads (conflict-free for STRIDE = 66 with emit_pair's thread mapping).
 template <int STRIDE>
@@ -230,10 +241,7 @@ __global__ void __launch_bounds__(256) sparsify24_t_kernel(const uint16_t* __res
   }
   __syncthreads();
 
-  const int c8l = l & 7;
-  const int pair = l >> 3;
-  const int rr = pair & 7;
-  const int r0l = (pair >> 3) * 16 + rr;
+  const auto [c8l, pair, rr, r0l] = tile_lane(l);
   uint16_t a[8], b[8];
   load_tile_pair<kStride>(tile, r0l, c8l, a, b);
   const int64_t r0 = R0 + r0l;
