@@ -25,6 +25,7 @@ from jsparse.kernels.sparse_matmul.api import compress_24 as compress_24
 from jsparse.kernels.sparse_matmul.api import sparse_matmul as sparse_matmul
 from jsparse.kernels.sparse_matmul.api import sparse_tn_matmul as sparse_tn_matmul
 from jsparse.kernels.sparse_matmul.recipe_bwd import recipe24_backward as recipe24_backward
+from jsparse.kernels.sparse_matmul.recipe_bwd import squared_relu_counts as squared_relu_counts
 from jsparse.kernels.sparse_matmul.api import squared_relu_24_compress as squared_relu_24_compress
 from jsparse.kernels.sparse_matmul.compressed import Compressed24 as Compressed24
 from jsparse.kernels.vnm.api import vnm_mask as vnm_mask

@@ -198,16 +198,23 @@ def _second_gemm(spec: RecipeSpec, h_TxF, w2_FxD):
 
 
 def _fused_activation(spec: RecipeSpec) -> bool:
-  """Whether the forward runs the squared ReLU, its 2:4 selection and the compression as one kernel on ``y1``.
+  """Whether the forward runs the activation as one kernel on ``y1`` and the backward's non-GEMM work as another.
 
-  On the cuSPARSELt path the second GEMM only needs ``h`` compressed, so :func:`jsparse.squared_relu_24_compress`
-  writes it straight from ``y1`` (one T x F read, half a T x F write) and the forward writes no dense ``h``, mask or
-  ``r``. The residual is then ``y1`` itself (already in memory as the first GEMM's output) and the backward recomputes
-  the mask from it inside the ``dy1`` fusion. Only with the reused mask and dense residual storage (the recipe's
-  default); the other storages keep the separate kernels. ``spec.fused_activation`` forces it on or off (where it
-  applies; the XLA path computes the same numbers, which is what the CPU tests check).
+  On the cuSPARSELt path the activation recipe's second GEMM only needs ``h`` compressed, so
+  :func:`jsparse.squared_relu_24_compress` writes it straight from ``y1`` (one T x F read, half a T x F write) and the
+  forward writes no dense ``h``, mask or ``r``. Without the 2:4 activation but with the token-wise 2:4 weight
+  gradients (S-STE weights), :func:`jsparse.squared_relu_counts` writes the dense ``h`` the second GEMM takes and
+  counts the features' non-zeros in the same pass (instead of a T-reduction of its own, which XLA ran at a quarter of
+  HBM speed). Either way the residual is ``y1`` itself (already in memory as the first GEMM's output) and the backward
+  is :func:`jsparse.recipe24_backward`: one kernel reads ``y1`` and ``dy2`` and writes the GEMMs' operands. Only with
+  dense residual storage (and, for the activation recipe, the reused mask); the other storages keep the separate
+  kernels. ``spec.fused_activation`` forces it on or off (where it applies; the XLA path computes the same numbers,
+  which is what the CPU tests check).
   """
-  applies = spec.activation_24 and spec.reuse_mask_in_backward and spec.storage == "dense"
+  if spec.activation_24:
+    applies = spec.reuse_mask_in_backward and spec.storage == "dense"
+  else:
+    applies = spec.weight_grads_24 and spec.storage == "dense"
   if spec.fused_activation is not None:
     return applies and spec.fused_activation
   return applies and spec.gemm_impl == "cusparselt"
@@ -258,13 +265,18 @@ def _fused_forward(spec: RecipeSpec, x_TxD, w1_DxF, w2_FxD, counts: bool = False
   y1_TxF = checkpoint_name(
       _ops.matmul(x_TxD, w1_DxF, sparse_operand="b" if spec.sparse_w1 else None, implementation=spec.gemm_impl),
       _ops.FFN_HIDDEN)
-  counts_F = None
-  if counts:
-    h24, counts_F = jsparse.squared_relu_24_compress(y1_TxF, return_counts=True, implementation=spec.gemm_impl)
+  counts_F = mask_TxF = None
+  if not spec.activation_24:
+    h_TxF, counts_F = jsparse.squared_relu_counts(y1_TxF, implementation=spec.gemm_impl)
+    counts_F = counts_F if counts else None
+    out_TxD = _second_gemm(spec, h_TxF, w2_FxD)
   else:
-    h24 = jsparse.squared_relu_24_compress(y1_TxF, implementation=spec.gemm_impl)
-  out_TxD = jsparse.sparse_matmul(h24, w2_FxD, sparse_operand="a", implementation=spec.gemm_impl)
-  mask_TxF = _mask24_by_relu(y1_TxF) if spec.stats else None
+    if counts:
+      h24, counts_F = jsparse.squared_relu_24_compress(y1_TxF, return_counts=True, implementation=spec.gemm_impl)
+    else:
+      h24 = jsparse.squared_relu_24_compress(y1_TxF, implementation=spec.gemm_impl)
+    out_TxD = jsparse.sparse_matmul(h24, w2_FxD, sparse_operand="a", implementation=spec.gemm_impl)
+    mask_TxF = _mask24_by_relu(y1_TxF) if spec.stats else None
   return y1_TxF, out_TxD, _stats(spec, y1_TxF, mask_TxF, _n_dense(spec, w1_DxF.shape[1])), counts_F
 
 
@@ -328,11 +340,13 @@ def _recipe_bwd(spec: RecipeSpec, residuals, cotangents):
     dy2_TxF = _ops.matmul(doutp_TxD, w2_FxD.T, implementation=spec.gemm_impl)
     dxp_TxD, dw1_DxF, dw2_FxD = jsparse.recipe24_backward(
         jsparse.load_activation(stored), dy2_TxF, xp_TxD, doutp_TxD, w1_DxF, n_dense=n_dense,
-        counts_F=density_F, implementation=spec.gemm_impl)  # density_F: the forward's counts on this path
+        counts_F=density_F, activation_24=spec.activation_24,
+        implementation=spec.gemm_impl)  # density_F: the forward's counts on this path
     dx_TxD = dxp_TxD if perm_T is None else unpermute_tokens(dxp_TxD, perm_T)
     return (dx_TxD.astype(xp_TxD.dtype), dw1_DxF.astype(w1_DxF.dtype), dw2_FxD.astype(w2_FxD.dtype), None)
   if _fused_activation(spec):  # here n_dense == F: every weight gradient is dense, so no density ranking
-    r32_TxF, _ = _masked_relu_from_y1(jsparse.load_activation(stored))
+    y1_TxF = jsparse.load_activation(stored)
+    r32_TxF = _masked_relu_from_y1(y1_TxF)[0] if spec.activation_24 else _relu_f32(y1_TxF)
   else:
     r32_TxF = jsparse.load_activation(stored, implementation=spec.op_impl).astype(
         jnp.promote_types(dtype, jnp.float32))

@@ -219,16 +219,21 @@ def test_elementwise_24_mask_is_squared_relu_nms():
 
 @pytest.mark.parametrize("permute", [True, False])
 @pytest.mark.parametrize("stats", [True, False])
-def test_fused_activation_path_is_the_reference_recipe(permute, stats):
-  # The cuSPARSELt path's forward (squared ReLU + 2:4 + compression in one op, y1 as the residual, the mask
-  # recomputed in the backward), forced on the XLA path: same forward, same statistics, same gradients.
+@pytest.mark.parametrize("activation_24", [True, False])
+def test_fused_activation_path_is_the_reference_recipe(permute, stats, activation_24):
+  # The cuSPARSELt path's forward (squared ReLU -- with the 2:4 selection and compression in the activation recipe,
+  # with the split's counts without it -- in one op, y1 as the residual, the mask recomputed in the backward), forced
+  # on the XLA path: same forward, same statistics, same gradients. activation_24=False: the weight-sparse FFN's
+  # token-wise 2:4 weight gradients.
   x, w1, w2, g = _inputs(seed=11)
   perm = jax.random.permutation(jax.random.key(12), T) if permute else None
-  fused, plain = _spec(fused_activation=True, stats=stats), _spec(stats=stats)
+  fused = _spec(fused_activation=True, stats=stats, activation_24=activation_24)
+  plain = _spec(stats=stats, activation_24=activation_24)
   assert recipe._fused_activation(fused) and not recipe._fused_activation(plain)
   assert not recipe._fused_activation(_spec(fused_activation=True, reuse_mask_in_backward=False))
+  assert not recipe._fused_activation(_spec(fused_activation=True, activation_24=False, weight_grads_24=False))
   got = _vjp(fused, x, w1, w2, g, perm)
-  want = _np_recipe(x, w1, w2, g, perm=perm, activation_24=True, reuse=True,
+  want = _np_recipe(x, w1, w2, g, perm=perm, activation_24=activation_24, reuse=True,
                     n_dense=recipe.n_dense_features(F, 0.25, 4))
   for name, a, b in zip(("out", "dx", "dw1", "dw2"), got, want):
     np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=2e-5, atol=2e-5, err_msg=name)
@@ -242,11 +247,14 @@ def test_fused_activation_path_is_the_reference_recipe(permute, stats):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("permute", [True, False])
-def test_cusparselt_recipe_matches_the_oracle(permute):
+@pytest.mark.parametrize("activation_24", [True, False])
+def test_cusparselt_recipe_matches_the_oracle(permute, activation_24):
   # The fused path on cuSPARSELt (the forward's one-kernel activation and counts, the backward's recipe24_backward
   # kernels and 2:4 GEMMs) in bfloat16 at cuSPARSELt-aligned sizes, against the float64 transcription fed with the
   # device's own y1 and dy2 (dense GEMMs both paths share). Not against XLA on the GPU: with excess precision (XLA's
   # GPU default) that path ranks dy1 before rounding it to bfloat16 and so breaks bfloat16 ties along T differently.
+  # activation_24=False: S-STE-style dense activation with the token-wise 2:4 weight gradients (dense weights here:
+  # the weights' own 2:4 GEMMs are sparse_matmul's, tested there).
   from tests.kernels.test_recipe24_backward import _oracle
   from tests.kernels.test_sparse_matmul import _check, _mask_k
 
@@ -257,15 +265,17 @@ def test_cusparselt_recipe_matches_the_oracle(permute):
   w2 = (jax.random.normal(k3, (f, d)) * f ** -0.5).astype(jnp.bfloat16)
   g = jax.random.normal(k4, (t, d)).astype(jnp.bfloat16)
   perm = np.asarray(jax.random.permutation(jax.random.key(22), t)) if permute else np.arange(t)
-  spec = RecipeSpec(dense_fraction=0.25, dense_multiple=64, implementation="cusparselt", stats=False)
+  spec = RecipeSpec(activation_24=activation_24, weight_grads_24=True, dense_fraction=0.25, dense_multiple=64,
+                    implementation="cusparselt", stats=False)
   assert recipe._fused_activation(spec) and recipe._n_dense(spec, f) == 128
   got = _vjp(spec, x, w1, w2, g, jnp.asarray(perm) if permute else None)
 
   xp, gp = x[perm], g[perm]
   y1 = np.asarray(jax.jit(jnp.matmul)(xp, w1), np.float32)
   dy2 = jax.jit(lambda a, b: a @ b.T)(gp, w2)
-  dxp, dw1, dw2 = _oracle(jnp.asarray(y1, jnp.bfloat16), dy2, xp, gp, w1, 128)
-  r = np.where(_mask_k(np.maximum(y1, 0), 1), np.maximum(y1, 0), 0).astype(np.float32)
+  dxp, dw1, dw2 = _oracle(jnp.asarray(y1, jnp.bfloat16), dy2, xp, gp, w1, 128, activation_24)
+  keep = _mask_k(np.maximum(y1, 0), 1) if activation_24 else True
+  r = np.where(keep, np.maximum(y1, 0), 0).astype(np.float32)
   h = np.asarray(jnp.asarray(r * r).astype(jnp.bfloat16), np.float64)
   out, dx = np.empty((t, d)), np.empty((t, d))
   out[perm], dx[perm] = h @ np.asarray(w2, np.float64), dxp

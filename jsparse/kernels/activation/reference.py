@@ -64,3 +64,9 @@ def squared_relu_nm_grad(x: jax.Array, mask: jax.Array | None, g: jax.Array) -> 
   if mask is not None:
     d = jnp.where(mask, d, 0.0)
   return d.astype(x.dtype)
+
+
+def positive_counts(y_TxF: jax.Array) -> jax.Array:
+  """int32 ``(F,)``: per feature (last axis), the rows with ``y > 0`` (NaN is not) -- the density ranking of an FFN
+  without the 2:4 activation, as ``jsparse.kernels.cusparselt.ops.squared_relu_counts`` counts it."""
+  return jnp.sum((y_TxF > 0).astype(jnp.int32), axis=0)

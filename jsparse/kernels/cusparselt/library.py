@@ -10,7 +10,9 @@ FFI targets (platform ``CUDA``):
   transposed copy), also copying out chosen rows unpruned (the 95/5 split's dense features).
 * ``jsparse_relu24_counts`` / ``jsparse_cslt_compress_counts`` / ``jsparse_recipe_bwd`` -- the 2:4 activation recipe:
   the features' non-zero counts (alone, or with the forward's squared-ReLU compress), and the backward's three
-  compressed operands from ``y1`` and ``dy2`` in one pass (``csrc/recipe24.h``).
+  compressed operands from ``y1`` and ``dy2`` in one pass (``csrc/recipe24.h``); ``jsparse_squared_relu_counts`` and
+  ``jsparse_recipe_bwd``'s ``mask24=0`` do the same for an FFN without the 2:4 activation (token-wise 2:4 weight
+  gradients only).
 * ``jsparse_bitmask_pack`` / ``_pack_square``, ``jsparse_bitmask_unpack`` / ``_unpack_square`` -- the bitmask
   packer's CUDA kernels (``csrc/bitmask.h``; :mod:`jsparse.kernels.compress.cuda`).
 
@@ -35,7 +37,7 @@ TARGETS = {"jsparse_cslt_matmul": "JsparseCsltMatmul", "jsparse_cslt_compress": 
            "jsparse_bitmask_pack_square": "JsparseBitmaskPackSquare", "jsparse_bitmask_unpack": "JsparseBitmaskUnpack",
            "jsparse_bitmask_unpack_square": "JsparseBitmaskUnpackSquare", "jsparse_relu24_counts": "JsparseRelu24Counts",
            "jsparse_cslt_compress_counts": "JsparseCsltCompressCounts",
-           "jsparse_recipe_bwd": "JsparseRecipeBwd"}
+           "jsparse_recipe_bwd": "JsparseRecipeBwd", "jsparse_squared_relu_counts": "JsparseSquaredReluCounts"}
 DTYPE_CODES = {jnp.dtype(jnp.bfloat16): 0, jnp.dtype(jnp.float16): 1, jnp.dtype(jnp.float8_e4m3fn): 2}
 STATS_FIELDS = ("plans_built", "plan_hits", "plan_evictions", "searches", "layout_checks", "layout_mismatches",
                 "live_plans", "compress_jsparse", "compress_library", "matmuls", "async_allocs")

@@ -73,6 +73,16 @@ def relu24_counts(y_TxF: jax.Array) -> jax.Array:
   return call(y_TxF)
 
 
+def squared_relu_counts(y_TxF: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(relu(y)**2, counts)`` from one read of ``y``: the squared ReLU dense in ``y``'s dtype (float32, one rounding)
+  and int32 ``(F,)`` per feature the tokens with ``y > 0`` (NaN is not). F a multiple of 64."""
+  library.load()
+  call = jax.ffi.ffi_call("jsparse_squared_relu_counts", (jax.ShapeDtypeStruct(y_TxF.shape, y_TxF.dtype),
+                                                          jax.ShapeDtypeStruct((y_TxF.shape[1],), jnp.int32)),
+                          vmap_method="sequential")
+  return call(y_TxF)
+
+
 def compress_counts(y_TxF: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(compress(y, "squared_relu"), relu24_counts(y))`` from one read of ``y`` (T and F multiples of 64)."""
   lib = library.load()
@@ -84,25 +94,28 @@ def compress_counts(y_TxF: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def recipe_backward(y1_TxF: jax.Array, dy2_TxF: jax.Array, slot_F: jax.Array, n_dense: int,
-                    method: str = "auto") -> tuple[jax.Array, ...]:
+                    method: str = "auto", mask24: bool = True) -> tuple[jax.Array, ...]:
   """The activation recipe's compressed backward operands in one pass over ``y1`` and ``dy2`` (``csrc/recipe24.h``).
 
   Returns ``(dy1, h_t, dy1_t, dense_h, dense_dy1)``: cuSPARSELt's compressed buffers of ``dy1`` (T x F, 2:4 along F),
   ``h.T`` and ``dy1.T`` (F x T, pruned 2:4 along T by magnitude), and the unpruned rows of ``h.T`` / ``dy1.T`` of the
   features with ``slot_F[f] >= 0`` at row ``slot_F[f]`` of ``(max(n_dense, 1), T)`` arrays. ``method`` as
   :func:`compress_t`'s (``"library"``: the kernel writes the pruned operands densely and the library compresses them).
+  ``mask24=False``: ``r = relu(y1)`` is not 2:4-masked (an FFN without the 2:4 activation), and ``dy1`` comes back
+  dense (T x F in ``y1``'s dtype) for its dense dx GEMM.
   """
   lib = library.load()
   T, F = y1_TxF.shape
   dtype = y1_TxF.dtype
-  tf_bytes = lib.compressed_size(T, F, dtype)
   ft_bytes = lib.compressed_size(F, T, dtype)
+  dy1 = (jax.ShapeDtypeStruct((lib.compressed_size(T, F, dtype),), jnp.uint8) if mask24
+         else jax.ShapeDtypeStruct((T, F), dtype))
   dense = jax.ShapeDtypeStruct((max(n_dense, 1), T), dtype)
-  call = jax.ffi.ffi_call("jsparse_recipe_bwd", (jax.ShapeDtypeStruct((tf_bytes,), jnp.uint8),
-                                                 jax.ShapeDtypeStruct((ft_bytes,), jnp.uint8),
+  call = jax.ffi.ffi_call("jsparse_recipe_bwd", (dy1, jax.ShapeDtypeStruct((ft_bytes,), jnp.uint8),
                                                  jax.ShapeDtypeStruct((ft_bytes,), jnp.uint8), dense, dense),
                           vmap_method="sequential")
-  return call(y1_TxF, dy2_TxF, slot_F.astype(jnp.int32), method=np.int32(METHODS[method]))
+  return call(y1_TxF, dy2_TxF, slot_F.astype(jnp.int32), method=np.int32(METHODS[method]),
+              mask24=np.int32(bool(mask24)))
 
 
 def matmul(packed: jax.Array, dense: jax.Array, *, m: int, k: int, mode: int, search: int = 0,

@@ -169,8 +169,9 @@ def compress_24(x: jax.Array, *, operand: str = "a", transposable: bool = False,
     if operand == "a":
       packed = ops.compress(src.reshape(rows, k))
     else:
-      # cuSPARSELt's sparse operand is always A with 2:4 rows: b enters the product as b.T (N x K).
-      packed = ops.compress(src.T)
+      # cuSPARSELt's sparse operand is always A with 2:4 rows: b enters the product as b.T (N x K), compressed by the
+      # transposing kernel straight from b (a transposed copy cost a pass over the weight: 84 us for 4096 x 14336).
+      packed, _ = ops.compress_t(src, jnp.full((n,), -1, jnp.int32), 0)
       if transposable:
         packed_t = ops.compress(src)
   return Compressed24(x, packed, packed_t, tuple(x.shape), operand, "none", bool(transposable))

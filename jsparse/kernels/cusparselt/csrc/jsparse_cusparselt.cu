@@ -332,30 +332,57 @@ ffi::Error CompressTImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi
 // ---------------------------------------------------------------------------------------------------------------------
 // The activation recipe's backward operands (recipe24.h)
 
-// counts (zeroed by the caller) += relu24_count_kernel's counts of y (rows x cols, cols % 64 == 0).
-Status launch_relu24_counts(int dtype, const void* y, void* counts, int64_t rows, int64_t cols, cudaStream_t stream) {
+// counts (zeroed by the caller) += relu_count_kernel's counts of y (rows x cols, cols % 64 == 0); SQUARE_OUT: and h.
+template <bool MASK24, bool SQUARE_OUT>
+Status launch_relu_counts(int dtype, const void* y, void* counts, void* h, int64_t rows, int64_t cols,
+                          cudaStream_t stream) {
   if (rows == 0 || cols == 0) return {};
   const dim3 grid(unsigned(cols / 64), unsigned((rows + 255) / 256));
   return by_dtype16(dtype, [&](auto t) -> Status {
-    relu24_count_kernel<decltype(t)><<<grid, 256, 0, stream>>>(static_cast<const uint16_t*>(y),
-                                                               static_cast<int32_t*>(counts), rows, cols);
+    relu_count_kernel<decltype(t), MASK24, SQUARE_OUT><<<grid, 256, 0, stream>>>(
+        static_cast<const uint16_t*>(y), static_cast<int32_t*>(counts), static_cast<uint16_t*>(h), rows, cols);
     JSPARSE_CUDA(cudaGetLastError());
     return {};
   });
 }
 
-Status relu24_counts(cudaStream_t stream, ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer> counts) {
+Status check_counts_input(ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer>& counts) {
   auto dims = y.dimensions();
   if (dims.size() != 2) return "y must be 2-D (tokens, features)";
-  const int64_t rows = dims[0], cols = dims[1];
-  if (cols % 64) return "the feature axis must be a multiple of 64";
-  if (counts->element_type() != ffi::DataType::S32 || counts->element_count() != size_t(cols)) {
+  if (dims[1] % 64) return "the feature axis must be a multiple of 64";
+  if (counts->element_type() != ffi::DataType::S32 || counts->element_count() != size_t(dims[1])) {
     return "counts must be int32 with one entry per feature";
   }
   if (!aligned16(y.untyped_data())) return "y must be 16-byte aligned";
+  return {};
+}
+
+Status relu24_counts(cudaStream_t stream, ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer> counts) {
+  JSPARSE_RETURN_IF_ERROR(check_counts_input(y, counts));
+  const int64_t rows = y.dimensions()[0], cols = y.dimensions()[1];
   JSPARSE_CUDA(cudaMemsetAsync(counts->untyped_data(), 0, size_t(cols) * sizeof(int32_t), stream));
-  return launch_relu24_counts(dtype_code(y.element_type()), y.untyped_data(), counts->untyped_data(), rows, cols,
-                              stream);
+  return launch_relu_counts<true, false>(dtype_code(y.element_type()), y.untyped_data(), counts->untyped_data(),
+                                         nullptr, rows, cols, stream);
+}
+
+// h = relu(y)^2 (dense, y's shape and dtype) and counts[f] = #{t : y[t, f] > 0} from one read of y: the forward of a
+// squared-ReLU FFN whose weight gradients take the token-wise 2:4 split without a 2:4 activation.
+Status squared_relu_counts(cudaStream_t stream, ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer> h,
+                           ffi::Result<ffi::AnyBuffer> counts) {
+  JSPARSE_RETURN_IF_ERROR(check_counts_input(y, counts));
+  const int64_t rows = y.dimensions()[0], cols = y.dimensions()[1];
+  if (h->element_type() != y.element_type() || h->element_count() != y.element_count()) {
+    return "h must have y's shape and dtype";
+  }
+  if (!aligned16(h->untyped_data())) return "h must be 16-byte aligned";
+  JSPARSE_CUDA(cudaMemsetAsync(counts->untyped_data(), 0, size_t(cols) * sizeof(int32_t), stream));
+  return launch_relu_counts<false, true>(dtype_code(y.element_type()), y.untyped_data(), counts->untyped_data(),
+                                         h->untyped_data(), rows, cols, stream);
+}
+
+ffi::Error SquaredReluCountsImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer> h,
+                                 ffi::Result<ffi::AnyBuffer> counts) {
+  return to_ffi(squared_relu_counts(stream, y, h, counts), "squared_relu_counts");
 }
 
 ffi::Error Relu24CountsImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer> counts) {
@@ -394,7 +421,8 @@ Status compress_counts(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi:
     });
   }
   JSPARSE_RETURN_IF_ERROR(compress(stream, scratch, x, packed, kActSquaredRelu, kAuto));  // its own fallback
-  return launch_relu24_counts(dtype, x.untyped_data(), counts->untyped_data(), rows, cols, stream);
+  return launch_relu_counts<true, false>(dtype, x.untyped_data(), counts->untyped_data(), nullptr, rows, cols,
+                                         stream);
 }
 
 ffi::Error CompressCountsImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
@@ -402,13 +430,13 @@ ffi::Error CompressCountsImpl(cudaStream_t stream, ffi::ScratchAllocator scratch
   return to_ffi(compress_counts(stream, scratch, x, packed, counts), "compress_counts");
 }
 
-template <bool DENSE_OUT>
+template <bool DENSE_OUT, bool MASK24>
 Status launch_recipe_bwd(int dtype, const void* y1, const void* dy2, const int32_t* slot, void* dx, void* h, void* g,
                          void* dense_h, void* dense_g, void* dx_dense, void* h_dense, void* g_dense, int64_t rows,
                          int64_t cols, cudaStream_t stream) {
   const dim3 grid(unsigned(cols / 64), unsigned(rows / 64));
   return by_dtype16(dtype, [&](auto t) -> Status {
-    recipe_bwd24_kernel<decltype(t), DENSE_OUT><<<grid, 256, 0, stream>>>(
+    recipe_bwd24_kernel<decltype(t), DENSE_OUT, MASK24><<<grid, 256, 0, stream>>>(
         static_cast<const uint16_t*>(y1), static_cast<const uint16_t*>(dy2), slot, values_of(dx),
         meta_of(dx, rows, cols), values_of(h), meta_of(h, rows, cols), values_of(g), meta_of(g, rows, cols),
         static_cast<uint16_t*>(dense_h), static_cast<uint16_t*>(dense_g), static_cast<uint16_t*>(dx_dense),
@@ -420,11 +448,12 @@ Status launch_recipe_bwd(int dtype, const void* y1, const void* dy2, const int32
 
 // dx (T x F compressed), h^T and dy1^T (F x T compressed) and the dense rows, from y1 and dy2 (T x F). The layouts are
 // checked against the library once per shape as in compress; where either did not match (or method == library) the
-// kernel writes the three pruned operands densely and the library compresses them.
+// kernel writes the pruned operands densely and the library compresses them. mask24 == 0 (no 2:4 activation): dx is
+// dy1 itself, dense (T x F in y1's dtype), and only the F x T layout is needed.
 Status recipe_bwd(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer y1, ffi::AnyBuffer dy2,
                   ffi::AnyBuffer slot, ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> h,
                   ffi::Result<ffi::AnyBuffer> g, ffi::Result<ffi::AnyBuffer> dense_h,
-                  ffi::Result<ffi::AnyBuffer> dense_g, int32_t method) {
+                  ffi::Result<ffi::AnyBuffer> dense_g, int32_t method, int32_t mask24) {
   const int dtype = dtype_code(y1.element_type());
   auto dims = y1.dimensions();
   if (dims.size() != 2) return "y1 must be 2-D (tokens, features)";
@@ -444,41 +473,49 @@ Status recipe_bwd(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
       return "the dense rows must be (n, tokens) in y1's dtype";
     }
   }
-  for (auto* p : {&dx, &h, &g}) {
+  if (mask24 && dx->element_type() != ffi::DataType::U8) return "the compressed buffers must be uint8";
+  if (!mask24 && (dx->element_type() != y1.element_type() || dx->element_count() != y1.element_count())) {
+    return "without the 2:4 activation dx (dy1) must have y1's shape and dtype";
+  }
+  for (auto* p : {&h, &g}) {
     if ((*p)->element_type() != ffi::DataType::U8) return "the compressed buffers must be uint8";
+  }
+  for (auto* p : {&dx, &h, &g, &dense_h, &dense_g}) {
     if (!aligned16((*p)->untyped_data())) return "buffers must be 16-byte aligned";
   }
-  if (!aligned16(y1.untyped_data()) || !aligned16(dy2.untyped_data()) || !aligned16(dense_h->untyped_data()) ||
-      !aligned16(dense_g->untyped_data())) {
-    return "buffers must be 16-byte aligned";
-  }
+  if (!aligned16(y1.untyped_data()) || !aligned16(dy2.untyped_data())) return "buffers must be 16-byte aligned";
   if (h->size_bytes() != g->size_bytes()) return "h and g must have the same compressed size";
   if (method != kAuto && method != kJsparse && method != kLibrary) return "unknown method";
   std::shared_ptr<CompressEntry> entry_tf, entry_ft;
-  int layout_tf = -1, layout_ft = -1;
-  JSPARSE_RETURN_IF_ERROR(compress_entry(stream, scratch, rows, cols, dtype, dx->size_bytes(), method == kAuto,
-                                         &entry_tf, &layout_tf));
+  int layout_tf = 1, layout_ft = -1;
+  if (mask24) {
+    JSPARSE_RETURN_IF_ERROR(compress_entry(stream, scratch, rows, cols, dtype, dx->size_bytes(), method == kAuto,
+                                           &entry_tf, &layout_tf));
+  }
   JSPARSE_RETURN_IF_ERROR(compress_entry(stream, scratch, cols, rows, dtype, h->size_bytes(), method == kAuto,
                                          &entry_ft, &layout_ft));
-  if (method == kJsparse && !(jsparse_kernel_applies(*entry_tf, dtype, rows, cols) &&
+  if (method == kJsparse && !((!mask24 || jsparse_kernel_applies(*entry_tf, dtype, rows, cols)) &&
                               jsparse_kernel_applies(*entry_ft, dtype, cols, rows))) {
     return "the jsparse compress kernel needs cuSPARSELt's compressed size to be rows*cols*9/8 bytes";
   }
   const int32_t* slot_p = static_cast<const int32_t*>(slot.untyped_data());
+  const int n_compressed = mask24 ? 3 : 2;
   if (method == kJsparse || (method == kAuto && layout_tf == 1 && layout_ft == 1)) {
-    stats().compress_jsparse += 3;
-    return launch_recipe_bwd<false>(dtype, y1.untyped_data(), dy2.untyped_data(), slot_p, dx->untyped_data(),
-                                     h->untyped_data(), g->untyped_data(), dense_h->untyped_data(),
-                                     dense_g->untyped_data(), nullptr, nullptr, nullptr, rows, cols, stream);
+    stats().compress_jsparse += n_compressed;
+    auto run = mask24 ? launch_recipe_bwd<false, true> : launch_recipe_bwd<false, false>;
+    return run(dtype, y1.untyped_data(), dy2.untyped_data(), slot_p, mask24 ? dx->untyped_data() : nullptr,
+               h->untyped_data(), g->untyped_data(), dense_h->untyped_data(), dense_g->untyped_data(),
+               mask24 ? nullptr : dx->untyped_data(), nullptr, nullptr, rows, cols, stream);
   }
-  stats().compress_library += 3;
+  stats().compress_library += n_compressed;
   const size_t bytes = size_t(rows) * size_t(cols) * 2;
-  TempBuffer dx_d(scratch, bytes, stream), h_d(scratch, bytes, stream), g_d(scratch, bytes, stream);
+  TempBuffer dx_d(scratch, mask24 ? bytes : 16, stream), h_d(scratch, bytes, stream), g_d(scratch, bytes, stream);
   if (!dx_d || !h_d || !g_d) return "could not allocate memory for the pruned copies";
-  JSPARSE_RETURN_IF_ERROR(launch_recipe_bwd<true>(dtype, y1.untyped_data(), dy2.untyped_data(), slot_p, nullptr,
-                                                  nullptr, nullptr, dense_h->untyped_data(), dense_g->untyped_data(),
-                                                  dx_d.get(), h_d.get(), g_d.get(), rows, cols, stream));
-  JSPARSE_RETURN_IF_ERROR(library_compress(*entry_tf, dx_d.get(), dx->untyped_data(), scratch, stream));
+  auto run = mask24 ? launch_recipe_bwd<true, true> : launch_recipe_bwd<true, false>;
+  JSPARSE_RETURN_IF_ERROR(run(dtype, y1.untyped_data(), dy2.untyped_data(), slot_p, nullptr, nullptr, nullptr,
+                              dense_h->untyped_data(), dense_g->untyped_data(),
+                              mask24 ? dx_d.get() : dx->untyped_data(), h_d.get(), g_d.get(), rows, cols, stream));
+  if (mask24) JSPARSE_RETURN_IF_ERROR(library_compress(*entry_tf, dx_d.get(), dx->untyped_data(), scratch, stream));
   JSPARSE_RETURN_IF_ERROR(library_compress(*entry_ft, h_d.get(), h->untyped_data(), scratch, stream));
   return library_compress(*entry_ft, g_d.get(), g->untyped_data(), scratch, stream);
 }
@@ -486,8 +523,9 @@ Status recipe_bwd(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
 ffi::Error RecipeBwdImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer y1, ffi::AnyBuffer dy2,
                          ffi::AnyBuffer slot, ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> h,
                          ffi::Result<ffi::AnyBuffer> g, ffi::Result<ffi::AnyBuffer> dense_h,
-                         ffi::Result<ffi::AnyBuffer> dense_g, int32_t method) {
-  return to_ffi(recipe_bwd(stream, scratch, y1, dy2, slot, dx, h, g, dense_h, dense_g, method), "recipe_bwd");
+                         ffi::Result<ffi::AnyBuffer> dense_g, int32_t method, int32_t mask24) {
+  return to_ffi(recipe_bwd(stream, scratch, y1, dy2, slot, dx, h, g, dense_h, dense_g, method, mask24),
+                "recipe_bwd");
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -904,6 +942,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseRelu24Counts, jsparse::Relu24CountsImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseSquaredReluCounts, jsparse::SquaredReluCountsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseRecipeBwd, jsparse::RecipeBwdImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
@@ -916,7 +961,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseRecipeBwd, jsparse::RecipeBwdImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("method"));
+                                  .Attr<int32_t>("method")
+                                  .Attr<int32_t>("mask24"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseBitmaskPack, jsparse::BitmaskPackImpl,
                               ffi::Ffi::Bind()

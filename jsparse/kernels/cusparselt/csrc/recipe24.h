@@ -13,9 +13,10 @@
 // Every output is bit for bit what the unfused path's kernels write from the XLA-computed h and dy1 (same float32
 // arithmetic, same rounding, same selection functions), so the GEMMs compute the same numbers.
 //
-// relu24_count_kernel is the split's ranking: per feature, how many tokens have a kept, positive relu(y1);
+// relu_count_kernel is the split's ranking: per feature, how many tokens have a kept, positive relu(y1);
 // relu24_compress_count_kernel computes it in the forward's squared-ReLU compress, so the backward need not read y1
-// for it.
+// for it. Without the 2:4 activation (MASK24 false: S-STE weights with the token-wise 2:4 weight gradients), the
+// forward's dense squared ReLU counts (relu_count_kernel's SQUARE_OUT) and the backward writes dy1 densely.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +39,18 @@ __device__ __forceinline__ void masked_relu4(const uint16_t* y, float (&r)[4]) {
   for (int i = 0; i < 4; ++i) r[i] = (keep >> i) & 1u ? relu_nan(v[i]) : 0.0f;
 }
 
+// r = relu(y) of 4 raw 16-bit values, 2:4-masked as masked_relu4 (MASK24: the activation recipe) or not (the FFN with
+// only token-wise 2:4 weight gradients).
+template <typename T, bool MASK24>
+__device__ __forceinline__ void relu4(const uint16_t* y, float (&r)[4]) {
+  if (MASK24) {
+    masked_relu4<T>(y, r);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) r[i] = relu_nan(Elem<T>::to_float(y[i]));
+  }
+}
+
 // A 256-thread block's counts of 64 features to global memory: thread (slot, c8l) holds cnt[k] for feature 8 c8l + k
 // (32 slots); they meet in shared memory and leave as one atomic per feature (none for a zero sum).
 __device__ __forceinline__ void flush_counts(const int (&cnt)[8], int slot, int c8l, int32_t* counts64) {
@@ -54,12 +67,13 @@ __device__ __forceinline__ void flush_counts(const int (&cnt)[8], int slot, int 
   }
 }
 
-// counts[f] += #{t : r[t, f] > 0} (NaN is not > 0). Grid (F / 64, ceil(T / kRows)), 256 threads; counts zeroed by
-// the caller. Thread l reads 8 features (l & 7) of every 32nd token from row l >> 3 on; the block's 32 partial counts
-// per feature meet in shared memory and leave as one atomic per feature.
-template <typename T>
-__global__ void __launch_bounds__(256) relu24_count_kernel(const uint16_t* __restrict__ y, int32_t* __restrict__ counts,
-                                                           int64_t rows, int64_t cols) {
+// counts[f] += #{t : r[t, f] > 0} (NaN is not > 0), r = relu4<T, MASK24>(y); SQUARE_OUT: also h = r^2 (float32, one
+// rounding, as the XLA reference) written densely to h (rows x cols). Grid (F / 64, ceil(T / kRows)), 256 threads;
+// counts zeroed by the caller. Thread l reads 8 features (l & 7) of every 32nd token from row l >> 3 on; the block's
+// 32 partial counts per feature meet in shared memory and leave as one atomic per feature.
+template <typename T, bool MASK24, bool SQUARE_OUT>
+__global__ void __launch_bounds__(256) relu_count_kernel(const uint16_t* __restrict__ y, int32_t* __restrict__ counts,
+                                                         uint16_t* __restrict__ h, int64_t rows, int64_t cols) {
   constexpr int kRows = 256;
   const int l = int(threadIdx.x);
   const int c8l = l & 7, rl = l >> 3;
@@ -70,15 +84,19 @@ __global__ void __launch_bounds__(256) relu24_count_kernel(const uint16_t* __res
   for (int i = 0; i < kRows / 32; ++i) {
     const int64_t r = R0 + rl + 32 * i;
     if (r < rows) {
-      uint16_t e[8];
+      uint16_t e[8], sq[8];
       unpack8(__ldcs(reinterpret_cast<const uint4*>(y + r * cols + C0 + c8l * 8)), e);
 #pragma unroll
       for (int g = 0; g < 2; ++g) {
         float rv[4];
-        masked_relu4<T>(e + 4 * g, rv);
+        relu4<T, MASK24>(e + 4 * g, rv);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) cnt[4 * g + k] += rv[k] > 0.0f;
+        for (int k = 0; k < 4; ++k) {
+          cnt[4 * g + k] += rv[k] > 0.0f;
+          if (SQUARE_OUT) sq[4 * g + k] = Elem<T>::from_float(rv[k] * rv[k]);
+        }
       }
+      if (SQUARE_OUT) *reinterpret_cast<uint4*>(h + r * cols + C0 + c8l * 8) = pack8(sq);
     }
   }
   flush_counts(cnt, rl, c8l, counts + C0);
@@ -90,7 +108,7 @@ __device__ __forceinline__ uint32_t kept8(uint32_t nib) {
   return (1u << (n0 & 3u)) | (1u << (n0 >> 2)) | (((1u << (n1 & 3u)) | (1u << (n1 >> 2))) << 4);
 }
 
-// The forward's squared_relu_24_compress with the counts of relu24_count_kernel: relu(y)^2 2:4-selected and compressed
+// The forward's squared_relu_24_compress with the counts of relu_count_kernel<T, true, false>: relu(y)^2 2:4-selected and compressed
 // as sparsify24_kernel<T, kActSquaredRelu> writes it, and counts[f] += the kept positive relu(y) of feature f, from
 // one read of y. Grid (F / 64, ceil(T / 256)), 256 threads: four 64 x 64 tiles down the tokens per block, each with
 // emit_pair's mapping; the block's partial counts leave as one atomic per feature. counts zeroed by the caller;
@@ -143,7 +161,9 @@ __global__ void __launch_bounds__(256) relu24_compress_count_kernel(const uint16
 // transposed tile. slot[f] >= 0: feature f's unpruned h^T and dy1^T rows go to dense_h / dense_g[slot[f]] (T entries).
 // DENSE_OUT: the three pruned operands are written densely to *_dense (dy1 T x F, h^T and dy1^T F x T) for the
 // library's compress (the layout-mismatch fallback).
-template <typename T, bool DENSE_OUT>
+// MASK24 false (an FFN whose activation is not 2:4, e.g. S-STE weights, with the token-wise 2:4 weight gradients): r is
+// the unmasked relu(y1), and dy1 -- the dense operand of its dense dx GEMM -- is written densely to dx_dense.
+template <typename T, bool DENSE_OUT, bool MASK24>
 __global__ void __launch_bounds__(256) recipe_bwd24_kernel(
     const uint16_t* __restrict__ y1, const uint16_t* __restrict__ dy2, const int32_t* __restrict__ slot,
     uint16_t* __restrict__ dx_values, uint8_t* __restrict__ dx_meta, uint16_t* __restrict__ h_values,
@@ -174,8 +194,8 @@ __global__ void __launch_bounds__(256) recipe_bwd24_kernel(
 #pragma unroll
   for (int g = 0; g < 2; ++g) {
     float ra[4], rb[4];
-    masked_relu4<T>(ya + 4 * g, ra);
-    masked_relu4<T>(yb + 4 * g, rb);
+    relu4<T, MASK24>(ya + 4 * g, ra);
+    relu4<T, MASK24>(yb + 4 * g, rb);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int c = 4 * g + k;
@@ -189,7 +209,13 @@ __global__ void __launch_bounds__(256) recipe_bwd24_kernel(
       gt[f * kStride + r0l + 8] = gb[c];
     }
   }
-  emit_pair<T, kActNone, DENSE_OUT>(ga, gb, T0 + r0l, rr, (F0 >> 3) + c8l, cols, dx_values, dx_meta, dx_dense);
+  if (MASK24) {
+    emit_pair<T, kActNone, DENSE_OUT>(ga, gb, T0 + r0l, rr, (F0 >> 3) + c8l, cols, dx_values, dx_meta, dx_dense);
+  } else {
+    const int64_t o = (T0 + r0l) * cols + F0 + c8l * 8;
+    *reinterpret_cast<uint4*>(dx_dense + o) = pack8(ga);
+    *reinterpret_cast<uint4*>(dx_dense + o + 8 * cols) = pack8(gb);
+  }
   __syncthreads();
 
   // The transposed tiles: A rows = features F0 + r0l, + 8; A columns = tokens T0 + 8 c8l .. + 7.
