@@ -40,9 +40,13 @@ from flax import nnx
 from benchmarks import _util
 from jsparse import models
 
-# Searched cuSPARSELt algorithms (benchmarks/sparse_matmul.py does the same); JSPARSE_CUSPARSELT_SEARCH=0 in the
-# environment measures the library default, what the models get unless it is set.
-os.environ.setdefault("JSPARSE_CUSPARSELT_SEARCH", "1")
+
+def use_searched_algorithms() -> None:
+  """Searched cuSPARSELt algorithms (benchmarks/sparse_matmul.py does the same); JSPARSE_CUSPARSELT_SEARCH=0 in the
+  environment measures the library default, what the models get unless it is set. Called by the benchmarks' mains,
+  not at import, so that a test importing a benchmark does not switch the search on for the whole process."""
+  os.environ.setdefault("JSPARSE_CUSPARSELT_SEARCH", "1")
+
 
 SHAPES = {"1b": (2048, 8192), "7b": (4096, 14336)}
 SPARSE_MODES = {
@@ -116,6 +120,7 @@ def main(argv=None) -> int:
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--rounds", type=int, default=5)
   args = p.parse_args(argv)
+  use_searched_algorithms()
   dtype = jnp.bfloat16
   T = args.tokens
   records, rows, skipped = [], [], []

@@ -3,7 +3,7 @@
 Runs the jitted fwd or fwd+bwd of ``benchmarks.ffn``'s modules a few times under ``jax.profiler.trace`` with a
 Perfetto trace, sums the device events by kernel name (and the XLA op that launched them, where the trace says) and
 prints the largest. ``--out DIR`` also keeps one JSON per (mode, implementation, pass). The cuSPARSELt algorithm
-search is on, as in ``benchmarks.ffn`` (which sets it when imported).
+search is on, as in ``benchmarks.ffn``.
 
   python -m benchmarks.profile_ffn --modes squared_relu/xla,act24/cusparselt --shape 1b --out $OUT/prof
 """
@@ -79,6 +79,7 @@ def main(argv=None) -> int:
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
+  ffn.use_searched_algorithms()
   D, F = ffn.SHAPES[args.shape]
   dtype = jnp.bfloat16
   kx, kg = jax.random.split(jax.random.key(0))
