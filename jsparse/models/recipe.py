@@ -172,11 +172,6 @@ def _check(spec: RecipeSpec, x_TxD, w1_DxF, w2_FxD) -> None:
     raise ValueError(f"{op}: the token count T={T} must be a multiple of 4 for the token-wise 2:4 weight gradients")
 
 
-def _relu_f32(y: jax.Array) -> jax.Array:
-  """relu in float32, or in the input's dtype if that is wider (float64 checks stay float64)."""
-  return jnp.maximum(y.astype(jnp.promote_types(y.dtype, jnp.float32)), 0.0)
-
-
 def _first_gemm(spec: RecipeSpec, x_TxD, w1_DxF):
   """(y1, h, mask): the first GEMM and the activation (2:4 on y1 before relu^2 in the activation recipe)."""
   y1_TxF = checkpoint_name(
@@ -185,9 +180,9 @@ def _first_gemm(spec: RecipeSpec, x_TxD, w1_DxF):
   if spec.activation_24:
     h_TxF, mask_TxF = jsparse.squared_relu_nm(y1_TxF, 2, 4, return_mask=True, implementation=spec.op_impl)
     if jnp.dtype(y1_TxF.dtype).itemsize > 4:  # the op squares in float32; keep a float64 FFN float64
-      h_TxF = jnp.where(mask_TxF, jnp.square(_relu_f32(y1_TxF)), 0.0).astype(y1_TxF.dtype)
+      h_TxF = jnp.where(mask_TxF, jnp.square(act_ref.relu_f32(y1_TxF)), 0.0).astype(y1_TxF.dtype)
   else:
-    h_TxF, mask_TxF = jnp.square(_relu_f32(y1_TxF)).astype(x_TxD.dtype), None
+    h_TxF, mask_TxF = jnp.square(act_ref.relu_f32(y1_TxF)).astype(x_TxD.dtype), None
   return y1_TxF, h_TxF, mask_TxF
 
 
@@ -229,7 +224,7 @@ _masked_relu_from_y1 = act_ref.masked_relu
 def _stats(spec: RecipeSpec, y1_TxF, mask_TxF, n_dense: int) -> dict[str, jax.Array]:
   if not spec.stats:
     return {}
-  r_TxF = _relu_f32(jax.lax.stop_gradient(y1_TxF))
+  r_TxF = act_ref.relu_f32(jax.lax.stop_gradient(y1_TxF))
   mass_TxF = r_TxF * r_TxF
   total = jnp.sum(mass_TxF)
   if mask_TxF is None:
@@ -296,7 +291,7 @@ def _recipe_fwd(spec: RecipeSpec, x_TxD, w1_DxF, w2_FxD, perm_T):
   stats = _stats(spec, y1_TxF, mask_TxF, _n_dense(spec, w1_DxF.shape[1]))
 
   # The one T x F residual: r = relu(y1), masked when the mask is reused (then h = r^2 carries the mask too).
-  r32_TxF = _relu_f32(y1_TxF)
+  r32_TxF = act_ref.relu_f32(y1_TxF)
   if mask_TxF is not None and spec.reuse_mask_in_backward:
     r32_TxF = jnp.where(mask_TxF, r32_TxF, 0.0)
     keep_mask = None
@@ -346,7 +341,7 @@ def _recipe_bwd(spec: RecipeSpec, residuals, cotangents):
     return (dx_TxD.astype(xp_TxD.dtype), dw1_DxF.astype(w1_DxF.dtype), dw2_FxD.astype(w2_FxD.dtype), None)
   if _fused_activation(spec):  # here n_dense == F: every weight gradient is dense, so no density ranking
     y1_TxF = jsparse.load_activation(stored)
-    r32_TxF = _masked_relu_from_y1(y1_TxF)[0] if spec.activation_24 else _relu_f32(y1_TxF)
+    r32_TxF = _masked_relu_from_y1(y1_TxF)[0] if spec.activation_24 else act_ref.relu_f32(y1_TxF)
   else:
     r32_TxF = jsparse.load_activation(stored, implementation=spec.op_impl).astype(
         jnp.promote_types(dtype, jnp.float32))

@@ -201,6 +201,8 @@ def test_relu24_counts_count_kept_positive_relu(dtype):
   got = jax.jit(ops.relu24_counts)(y1)
   r, _ = masked_relu(y1)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.sum(r > 0, axis=0)))
+  unmasked = jax.jit(lambda y: ops.relu24_counts(y, mask24=False))(y1)  # without the 2:4 activation: y > 0
+  np.testing.assert_array_equal(np.asarray(unmasked), (np.asarray(y1, np.float32) > 0).sum(0))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

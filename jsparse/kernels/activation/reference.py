@@ -44,11 +44,15 @@ def mask24_by_relu(y1_TxF: jax.Array) -> jax.Array:
   return jnp.stack([r < 2 for r in ranks], axis=-1).reshape(y1_TxF.shape)
 
 
+def relu_f32(y: jax.Array) -> jax.Array:
+  """``relu(y)`` in float32, or in ``y``'s dtype if that is wider (float64 checks stay float64); NaN stays NaN."""
+  return jnp.maximum(y.astype(jnp.promote_types(y.dtype, jnp.float32)), 0.0)
+
+
 def masked_relu(y1_TxF: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(r, mask): ``relu(y1)`` with the 2:4 mask applied, in float32 (or wider, for a float64 ``y1``)."""
   mask_TxF = mask24_by_relu(y1_TxF)
-  r_TxF = jnp.maximum(y1_TxF.astype(jnp.promote_types(y1_TxF.dtype, jnp.float32)), 0.0)
-  return jnp.where(mask_TxF, r_TxF, 0.0), mask_TxF
+  return jnp.where(mask_TxF, relu_f32(y1_TxF), 0.0), mask_TxF
 
 
 def kept_positive_counts(y_TxF: jax.Array) -> jax.Array:

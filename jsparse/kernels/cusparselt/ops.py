@@ -64,13 +64,14 @@ def compress_t(x_KxM: jax.Array, slot_M: jax.Array, n_dense: int,
   return call(x_KxM, slot_M.astype(jnp.int32), method=np.int32(METHODS[method]))
 
 
-def relu24_counts(y_TxF: jax.Array) -> jax.Array:
+def relu24_counts(y_TxF: jax.Array, mask24: bool = True) -> jax.Array:
   """int32 ``(F,)``: per feature, the tokens whose relu(y) is positive and kept by the 2:4 selection of
-  :func:`jsparse.squared_relu_nm` (the activation recipe's density ranking). F a multiple of 64."""
+  :func:`jsparse.squared_relu_nm` (the activation recipe's density ranking); ``mask24=False``: the tokens with
+  ``y > 0`` (the ranking without the 2:4 activation). F a multiple of 64."""
   library.load()  # registers the FFI targets
   call = jax.ffi.ffi_call("jsparse_relu24_counts", jax.ShapeDtypeStruct((y_TxF.shape[1],), jnp.int32),
                           vmap_method="sequential")
-  return call(y_TxF)
+  return call(y_TxF, mask24=np.int32(bool(mask24)))
 
 
 def squared_relu_counts(y_TxF: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jsparse.kernels import _common as common
-from jsparse.kernels.activation.reference import kept_positive_counts, masked_relu, positive_counts
+from jsparse.kernels.activation.reference import kept_positive_counts, masked_relu, positive_counts, relu_f32
 from jsparse.kernels.sparse_matmul import reference as ref
 from jsparse.kernels.sparse_matmul import api
 
@@ -99,7 +99,7 @@ def recipe24_backward(y1_TxF: jax.Array, dy2_TxF: jax.Array, x_TxD: jax.Array, d
 
   y1_TxF, dy2_TxF = jax.lax.stop_gradient(y1_TxF), jax.lax.stop_gradient(dy2_TxF)
   if n_dense and counts_F is None:
-    counts_F = ops.relu24_counts(y1_TxF) if activation_24 else positive_counts(y1_TxF)
+    counts_F = ops.relu24_counts(y1_TxF, mask24=activation_24)
   dense_idx = dense_features(counts_F, n_dense)
   slot_F = jnp.full((F,), -1, jnp.int32)
   if n_dense:
@@ -123,10 +123,7 @@ def recipe24_backward(y1_TxF: jax.Array, dy2_TxF: jax.Array, x_TxD: jax.Array, d
 
 def _xla(y1_TxF, dy2_TxF, x_TxD, dout_TxD, w1_DxF, n_dense, counts_F, activation_24):
   dtype = x_TxD.dtype
-  if activation_24:
-    r_TxF, _ = masked_relu(y1_TxF)
-  else:
-    r_TxF = jnp.maximum(y1_TxF.astype(jnp.promote_types(y1_TxF.dtype, jnp.float32)), 0.0)
+  r_TxF = masked_relu(y1_TxF)[0] if activation_24 else relu_f32(y1_TxF)
   h_TxF = (r_TxF * r_TxF).astype(dtype)
   dy1_TxF = (2.0 * dy2_TxF.astype(r_TxF.dtype) * r_TxF).astype(dtype)
   if counts_F is None:
@@ -167,7 +164,7 @@ def squared_relu_counts(y_TxF: jax.Array, *, implementation: str | None = None) 
   ok, why = api._cusparselt_supports(op, y_TxF.dtype, (api.SPARSE_ALIGN, F), api.DENSE_ALIGN)
   impl = api.resolve_implementation(op, implementation, supported=ok, why_not=why)
   if impl == "xla":
-    r_TxF = jnp.maximum(y_TxF.astype(jnp.promote_types(y_TxF.dtype, jnp.float32)), 0.0)
+    r_TxF = relu_f32(y_TxF)
     return (r_TxF * r_TxF).astype(y_TxF.dtype), positive_counts(y_TxF)
   from jsparse.kernels.cusparselt import ops
 

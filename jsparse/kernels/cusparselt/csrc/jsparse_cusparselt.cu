@@ -357,12 +357,13 @@ Status check_counts_input(ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer>& counts)
   return {};
 }
 
-Status relu24_counts(cudaStream_t stream, ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer> counts) {
+// mask24 == 0: the counts of y > 0 (no 2:4 activation).
+Status relu24_counts(cudaStream_t stream, ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer> counts, int32_t mask24) {
   JSPARSE_RETURN_IF_ERROR(check_counts_input(y, counts));
   const int64_t rows = y.dimensions()[0], cols = y.dimensions()[1];
   JSPARSE_CUDA(cudaMemsetAsync(counts->untyped_data(), 0, size_t(cols) * sizeof(int32_t), stream));
-  return launch_relu_counts<true, false>(dtype_code(y.element_type()), y.untyped_data(), counts->untyped_data(),
-                                         nullptr, rows, cols, stream);
+  auto run = mask24 ? launch_relu_counts<true, false> : launch_relu_counts<false, false>;
+  return run(dtype_code(y.element_type()), y.untyped_data(), counts->untyped_data(), nullptr, rows, cols, stream);
 }
 
 // h = relu(y)^2 (dense, y's shape and dtype) and counts[f] = #{t : y[t, f] > 0} from one read of y: the forward of a
@@ -385,8 +386,9 @@ ffi::Error SquaredReluCountsImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::Res
   return to_ffi(squared_relu_counts(stream, y, h, counts), "squared_relu_counts");
 }
 
-ffi::Error Relu24CountsImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer> counts) {
-  return to_ffi(relu24_counts(stream, y, counts), "relu24_counts");
+ffi::Error Relu24CountsImpl(cudaStream_t stream, ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer> counts,
+                             int32_t mask24) {
+  return to_ffi(relu24_counts(stream, y, counts, mask24), "relu24_counts");
 }
 
 // compress(activation=squared_relu) and relu24_counts of the same input from one read of it (the recipe's forward).
@@ -940,7 +942,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseRelu24Counts, jsparse::Relu24CountsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("mask24"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JsparseSquaredReluCounts, jsparse::SquaredReluCountsImpl,
                               ffi::Ffi::Bind()
